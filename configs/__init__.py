@@ -1,0 +1,1 @@
+"""Hydra structured configs: every default lives here; YAML groups pick models and tasks."""

@@ -1,0 +1,1 @@
+"""Tasks with verifiable rewards and the reward functions that score them."""

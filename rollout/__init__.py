@@ -1,0 +1,1 @@
+"""Rollout side: engines, rollout workers, interruptible generation, weight receiving."""

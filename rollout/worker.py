@@ -1,0 +1,243 @@
+"""The rollout worker: a Ray actor holding one engine, generating prompt groups continuously.
+
+Before each prompt group it asks the staleness service for admission (which also hands
+out the next prompt of the data cursor). Every token is tagged with the policy version
+the engine held when it was sampled. At a publish (DESIGN.md section 6) the driver calls
+`begin_publish` (no new segments; in-flight ones aborted, or waited for when
+`rollout.interrupt_on_publish=false`), `receive_weights`, then `end_publish`, after which
+aborted responses continue from the tokens they already have, under the new weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from dataclasses import replace
+
+from transformers import AutoTokenizer
+
+from rewards.tasks import build_task, render_prompt
+from rollout.engine import Engine, SamplingSpec
+from rollout.trajectory import Trajectory
+from rollout.weight_sync import ParamMeta
+
+log = logging.getLogger(__name__)
+
+
+class _Shutdown(Exception):
+    pass
+
+
+def build_engine(rollout_cfg, model_cfg, model_dir: str, seed: int) -> Engine:
+    if rollout_cfg.engine == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_path=model_dir,
+            dtype=model_cfg.dtype,
+            max_model_len=rollout_cfg.max_model_len,
+            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+            kv_cache_gib=rollout_cfg.kv_cache_gib,
+            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+            enforce_eager=rollout_cfg.enforce_eager,
+            seed=seed,
+        )
+    from rollout.hf_engine import HFEngine
+
+    return HFEngine(model_dir, dtype=model_cfg.dtype, device="cuda" if rollout_cfg.num_gpus > 0 else "cpu")
+
+
+class RolloutWorker:
+    """Ray actor (async): `ray.remote(RolloutWorker).options(...).remote(...)`."""
+
+    def __init__(self, worker_index: int, cfg, model_dir: str, service) -> None:
+        logging.basicConfig(level=cfg.logger.log_level, format="%(asctime)s %(name)s: %(message)s")
+        self.index = worker_index
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.service = service
+        self.task = build_task(cfg.task)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.engine: Engine | None = None
+        self.version = 0
+        self._weights_ready: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._inflight = 0
+        self._stopping = False
+        self._loops: list[asyncio.Task] = []
+        self.stats = {"interrupted": 0, "generated_tokens": 0, "gen_time_s": 0.0, "reward_errors": 0, "groups": 0}
+
+    async def start(self) -> None:
+        """Build the engine (seconds for HF, tens of seconds for vLLM)."""
+        self._weights_ready = asyncio.Event()
+        self._weights_ready.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.engine = build_engine(self.cfg.rollout, self.cfg.model, self.model_dir, self.cfg.seed + self.index)
+        if hasattr(self.engine, "start"):
+            await self.engine.start()
+
+    # ---- weight sync -------------------------------------------------------------------
+    async def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+        await self.engine.init_weight_sync(host, port, rank, world_size, backend, timeout_s)
+
+    async def begin_publish(self) -> int:
+        """Stop starting segments; abort (or wait for) in-flight ones. Returns how many were interrupted."""
+        self._weights_ready.clear()
+        interrupted = 0
+        if self.cfg.rollout.interrupt_on_publish:
+            while self._inflight > 0:
+                # abort_all again until every segment returned: one may have been submitted
+                # between the event clear and the first abort
+                interrupted += await self.engine.abort_all()
+                try:
+                    await asyncio.wait_for(self._idle.wait(), timeout=0.05)
+                except asyncio.TimeoutError:
+                    pass
+        else:
+            await self._idle.wait()
+        self.stats["interrupted"] += interrupted
+        return interrupted
+
+    async def receive_weights(self, metas: list[ParamMeta], bucket_bytes: int, version: int) -> None:
+        await self.engine.receive_weights(metas, bucket_bytes)
+        self.version = version
+
+    async def end_publish(self) -> None:
+        self._weights_ready.set()
+
+    async def fingerprint(self) -> str:
+        return await self.engine.weights_fingerprint()
+
+    async def get_version(self) -> int:
+        return self.version
+
+    # ---- generation --------------------------------------------------------------------
+    async def _segment(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec):
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self.engine.generate(request_id, prompt_ids, spec)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _sample(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> dict:
+        """One response, continued across publishes (interruptible generation)."""
+        tokens: list[int] = []
+        logps: list[float] = []
+        versions: list[int] = []
+        interruptions = 0
+        while True:
+            await self._weights_ready.wait()
+            if self._stopping:
+                raise _Shutdown
+            version = self.version  # weights change only while _weights_ready is clear
+            remaining = replace(
+                spec,
+                max_tokens=spec.max_tokens - len(tokens),
+                min_tokens=max(0, spec.min_tokens - len(tokens)),
+                seed=None if spec.seed is None else spec.seed + interruptions,
+            )
+            t0 = time.perf_counter()
+            seg = await self._segment(f"{request_id}.{interruptions}", prompt_ids + tokens, remaining)
+            self.stats["gen_time_s"] += time.perf_counter() - t0
+            tokens += seg.token_ids
+            logps += seg.logprobs
+            versions += [version] * len(seg.token_ids)
+            self.stats["generated_tokens"] += len(seg.token_ids)
+            if seg.finish_reason != "abort":
+                return {"tokens": tokens, "logps": logps, "versions": versions,
+                        "finish_reason": seg.finish_reason, "interruptions": interruptions}
+            if self._stopping:
+                raise _Shutdown
+            if len(tokens) >= spec.max_tokens:
+                return {"tokens": tokens, "logps": logps, "versions": versions,
+                        "finish_reason": "length", "interruptions": interruptions}
+            interruptions += 1
+
+    def _score(self, text: str, answer: str) -> tuple[float, bool]:
+        try:
+            return float(self.task.reward_fn(text, answer)), False
+        except Exception:  # a failing reward must not kill the worker: reward 0, counted
+            if self.stats["reward_errors"] == 0:
+                log.exception("reward function failed (logged once; further failures are only counted)")
+            self.stats["reward_errors"] += 1
+            return 0.0, True
+
+    async def _rollout_group(self, ticket: dict) -> list[Trajectory]:
+        problem = self.task.train[ticket["prompt_index"]]
+        prompt_ids = render_prompt(self.task, self.tokenizer, problem.question)
+        g = self.cfg.trainer.group_size
+        base_seed = zlib.crc32(f"{self.cfg.seed}-{ticket['seq']}".encode())
+        spec = SamplingSpec(max_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature,
+                            top_p=self.cfg.rollout.top_p)
+        samples = await asyncio.gather(*(
+            self._sample(f"w{self.index}-{ticket['seq']}-{k}", prompt_ids, replace(spec, seed=base_seed + 1000 * k))
+            for k in range(g)
+        ))
+        group = []
+        for k, s in enumerate(samples):
+            text = self.tokenizer.decode(s["tokens"], skip_special_tokens=True)
+            reward, failed = self._score(text, problem.answer)
+            group.append(Trajectory(
+                traj_id=f"{ticket['seq']}-{k}", prompt_index=ticket["prompt_index"], group_id=str(ticket["seq"]),
+                prompt_ids=prompt_ids, response_ids=s["tokens"], logp_behav=s["logps"], versions=s["versions"],
+                start_version=ticket["version"], reward=reward, finish_reason=s["finish_reason"],
+                interruptions=s["interruptions"], reward_error=failed, info={"text": text},
+            ))
+        self.stats["groups"] += 1
+        return group
+
+    async def _loop(self) -> None:
+        g = self.cfg.trainer.group_size
+        while not self._stopping:
+            ticket = await self.service.acquire.remote(g)
+            if ticket is None:  # the service stopped admitting: the run is ending
+                return
+            try:
+                group = await self._rollout_group(ticket)
+            except _Shutdown:
+                await self.service.drop.remote(g, "shutdown")
+                return
+            except Exception:
+                log.exception("rollout group %s failed; its %d rollouts are dropped", ticket["seq"], g)
+                await self.service.drop.remote(g, "error")
+                continue
+            await self.service.put.remote(group)
+
+    async def run(self) -> None:
+        """Start the generation loops (returns at once; they run until `stop`)."""
+        self._loops = [asyncio.create_task(self._loop()) for _ in range(self.cfg.rollout.max_concurrent_groups)]
+
+    async def stop(self) -> dict:
+        self._stopping = True
+        self._weights_ready.set()
+        await self.engine.abort_all()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        return dict(self.stats)
+
+    async def get_stats(self) -> dict:
+        return dict(self.stats)
+
+    # ---- evaluation --------------------------------------------------------------------
+    async def evaluate(self, indices: list[int], max_new_tokens: int) -> list[dict]:
+        """Greedy answers to eval problems under the current weights."""
+        spec = SamplingSpec(max_tokens=max_new_tokens, temperature=0.0)
+
+        async def one(i: int) -> dict:
+            problem = self.task.eval[i]
+            prompt_ids = render_prompt(self.task, self.tokenizer, problem.question)
+            seg = await self.engine.generate(f"eval-w{self.index}-v{self.version}-{i}", prompt_ids, spec)
+            text = self.tokenizer.decode(seg.token_ids, skip_special_tokens=True)
+            reward, _ = self._score(text, problem.answer)
+            return {"index": i, "reward": reward, "text": text, "answer": problem.answer}
+
+        return list(await asyncio.gather(*(one(i) for i in indices)))
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()

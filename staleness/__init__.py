@@ -1,0 +1,1 @@
+"""Staleness control (DESIGN.md section 5): admission, policy versions, accounting."""

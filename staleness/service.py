@@ -1,0 +1,127 @@
+"""The staleness service: a Ray actor that admits rollouts, hands out prompts and buffers results.
+
+Rollout workers call `acquire` before each prompt group (it waits while the admission
+rule of `StalenessController` says no) and `put` the finished group; the driver calls
+`get_batch` for the next training batch and `pause`/`set_version`/`resume` around a
+publish. The data cursor lives here too, so prompts are consumed in one seeded order
+whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from rollout.trajectory import Trajectory
+from staleness.controller import StalenessController
+
+log = logging.getLogger(__name__)
+
+
+class StalenessService:
+    """Ray actor (async): `ray.remote(StalenessService).remote(...)`."""
+
+    def __init__(self, batch_size: int, max_staleness: int, max_running: int | None, num_prompts: int, seed: int) -> None:
+        self.ctl = StalenessController(batch_size, max_staleness, max_running)
+        self.num_prompts = num_prompts
+        self.seed = seed
+        self.cursor = 0  # prompts handed out so far, over all epochs
+        self._order: list[int] = []
+        self._buffer: list[list[Trajectory]] = []  # finished groups, oldest first
+        self._consumed_ids: set[str] = set()
+        self._stopped = False
+        self._cond: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:  # created inside the actor's event loop
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    def _next_prompt(self) -> int:
+        epoch, pos = divmod(self.cursor, self.num_prompts)
+        if pos == 0 or not self._order:
+            self._order = list(range(self.num_prompts))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+        self.cursor += 1
+        return self._order[pos]
+
+    async def acquire(self, n: int) -> dict | None:
+        """Wait for admission of a group of n rollouts; None once the service stopped."""
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: self._stopped or self.ctl.can_admit(n))
+            if self._stopped:
+                return None
+            self.ctl.admit(n)
+            seq = self.cursor
+            return {"seq": seq, "prompt_index": self._next_prompt(), "version": self.ctl.version}
+
+    async def put(self, group: list[Trajectory]) -> None:
+        cond = self._condition()
+        async with cond:
+            self.ctl.finish(len(group))
+            self._buffer.append(group)
+            cond.notify_all()
+
+    async def drop(self, n: int, reason: str) -> None:
+        cond = self._condition()
+        async with cond:
+            self.ctl.drop_running(n, reason)
+            cond.notify_all()
+
+    async def get_batch(self, n: int) -> list[Trajectory]:
+        """The next n trajectories (whole groups, oldest first). A group whose lag would exceed
+        staleness.max_staleness (possible only for a rollout slower than eta+1 whole steps)
+        is dropped with reason "stale" instead of being trained on."""
+        cond = self._condition()
+        async with cond:
+            batch: list[Trajectory] = []
+            while len(batch) < n:
+                await cond.wait_for(lambda: self._buffer or self._stopped)
+                if not self._buffer:
+                    raise RuntimeError(f"the staleness service stopped with {len(batch)} of {n} trajectories batched")
+                group = self._buffer.pop(0)
+                if self.ctl.version - group[0].start_version > self.ctl.max_staleness:
+                    self.ctl.drop_buffered(len(group), "stale")
+                    log.warning("dropped stale group %s (started at version %d, now %d)",
+                                group[0].group_id, group[0].start_version, self.ctl.version)
+                    continue
+                batch.extend(group)
+            for traj in batch:
+                if traj.traj_id in self._consumed_ids:
+                    raise RuntimeError(f"trajectory {traj.traj_id} would be consumed twice")
+                self._consumed_ids.add(traj.traj_id)
+            self.ctl.consume(len(batch), [self.ctl.version - t.start_version for t in batch])
+            cond.notify_all()
+            return batch
+
+    async def pause(self) -> None:
+        self.ctl.paused = True
+
+    async def resume(self) -> None:
+        cond = self._condition()
+        async with cond:
+            self.ctl.paused = False
+            cond.notify_all()
+
+    async def set_version(self, version: int) -> None:
+        cond = self._condition()
+        async with cond:
+            self.ctl.set_version(version)
+            cond.notify_all()
+
+    async def stop(self) -> None:
+        cond = self._condition()
+        async with cond:
+            self._stopped = True
+            cond.notify_all()
+
+    async def accounting(self) -> dict:
+        acc = self.ctl.accounting()
+        acc["prompts_handed_out"] = self.cursor
+        return acc
+
+    async def state(self) -> dict:
+        return {"version": self.ctl.version, "admitted": self.ctl.admitted, "running": self.ctl.running,
+                "buffered": self.ctl.buffered, "dropped": sum(self.ctl.dropped.values())}

@@ -1,0 +1,218 @@
+"""The controller loop: build the actors from the config, train, publish, evaluate, account.
+
+    run(cfg) -> summary dict
+
+Rollout workers generate continuously; this loop only takes batches from the staleness
+service, trains on them, and publishes the new weights with the protocol of DESIGN.md
+section 6: pause admission -> abort in-flight requests -> broadcast -> version i+1 -> resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+from omegaconf import OmegaConf
+
+from configs.schema import ConfigError, validate
+from rewards.tasks import build_task
+from rollout.models import resolve_model_dir
+from rollout.worker import RolloutWorker
+from staleness.service import StalenessService
+from trainer.monitor import Monitor, plot_run
+from trainer.worker import TrainerWorker
+
+log = logging.getLogger("tether")
+
+
+def _connect_ray(cfg) -> None:
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        # dashboard bound to loopback: a local run exposes nothing to the network
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", runtime_env=env)
+
+
+def _check_resources(cfg) -> None:
+    """Fail fast, naming what is missing, when the cluster cannot host the actors."""
+    total = ray.cluster_resources()
+    need_cpu = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.trainer.num_workers * cfg.trainer.num_cpus
+    need_gpu = cfg.rollout.num_workers * cfg.rollout.num_gpus + cfg.trainer.num_workers * cfg.trainer.num_gpus
+    if need_cpu > total.get("CPU", 0):
+        raise ConfigError(
+            f"the actors need {need_cpu:g} CPUs (rollout.num_workers x rollout.num_cpus + trainer.num_cpus) but the "
+            f"Ray cluster has {total.get('CPU', 0):g}; lower rollout.num_cpus/trainer.num_cpus or add nodes"
+        )
+    if need_gpu > total.get("GPU", 0):
+        raise ConfigError(
+            f"the actors need {need_gpu:g} GPUs (rollout.num_gpus, trainer.num_gpus) but the Ray cluster has "
+            f"{total.get('GPU', 0):g}; set them to 0 for CPU or add GPU nodes"
+        )
+
+
+class Run:
+    def __init__(self, cfg, model_dir: str) -> None:
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.verified_publishes = 0
+        self.output_dir = Path(cfg.output_dir)
+        r = cfg.rollout
+        self.service = ray.remote(StalenessService).options(num_cpus=0).remote(
+            cfg.trainer.batch_size, cfg.staleness.max_staleness, cfg.staleness.max_running,
+            cfg.task.num_train, cfg.seed,
+        )
+        self.trainer = ray.remote(TrainerWorker).options(
+            num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus
+        ).remote(cfg, self.model_dir)
+        self.workers = [
+            ray.remote(RolloutWorker).options(
+                num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=10_000, max_restarts=r.max_restarts,
+            ).remote(i, cfg, self.model_dir, self.service)
+            for i in range(r.num_workers)
+        ]
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        ray.get([w.start.remote() for w in self.workers])  # engines up (vLLM: tens of seconds)
+        backend = cfg.weight_sync.backend
+        if backend == "auto":
+            backend = "nccl" if cfg.rollout.num_gpus > 0 and cfg.trainer.num_gpus > 0 else "gloo"
+        tp = cfg.rollout.tensor_parallel_size
+        world = 1 + tp * len(self.workers)
+        host, port = ray.get(self.trainer.sync_address.remote())
+        timeout = cfg.weight_sync.timeout_s
+        # every member must join at once: the group forms only when all world_size ranks arrived
+        ray.get([self.trainer.init_weight_sync.remote(host, port, world, backend, timeout)]
+                + [w.init_weight_sync.remote(host, port, 1 + tp * i, world, backend, timeout)
+                   for i, w in enumerate(self.workers)])
+        self.metas = ray.get(self.trainer.param_metas.remote())
+
+    def publish(self, version: int) -> dict:
+        """Pause admission -> abort/await in-flight -> broadcast -> version -> resume."""
+        ray.get(self.service.pause.remote())
+        interrupted = sum(ray.get([w.begin_publish.remote() for w in self.workers]))
+        bucket = self.cfg.weight_sync.bucket_mb << 20
+        # ray.get blocks until the trainer sent every bucket and every engine loaded it
+        out = ray.get([self.trainer.publish.remote()]
+                      + [w.receive_weights.remote(self.metas, bucket, version) for w in self.workers])[0]
+        if self.cfg.weight_sync.verify:
+            self.verify_weights(version)
+        ray.get(self.service.set_version.remote(version))
+        ray.get([w.end_publish.remote() for w in self.workers])
+        ray.get(self.service.resume.remote())
+        return {"interrupted": interrupted, **out}
+
+    def verify_weights(self, version: int) -> None:
+        """Every engine must serve exactly the trainer's weights (bitwise, in the engine's dtype)."""
+        expected = ray.get(self.trainer.fingerprint.remote())
+        got = ray.get([w.fingerprint.remote() for w in self.workers])
+        bad = [i for i, f in enumerate(got) if f != expected]
+        if bad:
+            raise RuntimeError(f"after publishing version {version}, rollout workers {bad} hold weights whose "
+                               f"fingerprint differs from the trainer's ({[got[i] for i in bad]} != {expected})")
+        self.verified_publishes += 1
+
+    def evaluate(self, step: int) -> dict:
+        n = self.cfg.task.num_eval
+        shards = [list(range(i, n, len(self.workers))) for i in range(len(self.workers))]
+        results = [r for rs in ray.get([w.evaluate.remote(s, self.cfg.eval.max_new_tokens)
+                                        for w, s in zip(self.workers, shards) if s]) for r in rs]
+        results.sort(key=lambda r: r["index"])
+        reward = sum(r["reward"] for r in results) / len(results)
+        return {"step": step, "eval/reward": reward, "samples": results[:4]}
+
+    def train(self, monitor: Monitor) -> dict:
+        cfg = self.cfg
+        evals = [self.evaluate(0)]
+        log.info("eval before training: reward %.3f", evals[0]["eval/reward"])
+        ray.get([w.run.remote() for w in self.workers])
+        t_start = time.perf_counter()
+        consumed_tokens = 0
+        gen_before = 0
+        max_lag = 0
+        for step in range(1, cfg.trainer.max_steps + 1):
+            t0 = time.perf_counter()
+            batch = ray.get(self.service.get_batch.remote(cfg.trainer.batch_size))
+            t_wait = time.perf_counter() - t0
+            version = step - 1  # weights the batch is trained from
+            lags = [version - t.start_version for t in batch]
+            metrics = ray.get(self.trainer.train_step.remote(batch))
+            pub = self.publish(step)
+            step_s = time.perf_counter() - t0
+            tokens = sum(t.num_tokens for t in batch)
+            consumed_tokens += tokens
+            stats = ray.get([w.get_stats.remote() for w in self.workers])
+            gen_tokens = sum(s["generated_tokens"] for s in stats)
+            acc = ray.get(self.service.accounting.remote())
+            max_lag = max(max_lag, max(lags))
+            row = {
+                "step": step, "policy_version": step, **metrics,
+                "staleness/lag_mean": sum(lags) / len(lags), "staleness/lag_min": min(lags),
+                "staleness/lag_max": max(lags), "staleness/dropped": acc["dropped_total"],
+                "rollout/tokens_per_s": (gen_tokens - gen_before) / step_s,
+                "rollout/interrupted": pub["interrupted"],
+                "reward/errors": sum(s["reward_errors"] for s in stats),
+                "time/step_s": step_s, "time/rollout_wait_s": t_wait, "time/weight_sync_s": pub["seconds"],
+                "weight_sync/bytes": pub["bytes"],
+                "perf/consumed_tokens_per_s": tokens / step_s,
+                "perf/consumed_tokens_per_s_cumulative": consumed_tokens / (time.perf_counter() - t_start),
+            }
+            gen_before = gen_tokens
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.max_steps:
+                evals.append(self.evaluate(step))
+                row["eval/reward"] = evals[-1]["eval/reward"]
+            monitor.log(row)
+        train_time = time.perf_counter() - t_start
+        ray.get(self.service.stop.remote())
+        ray.get([w.stop.remote() for w in self.workers])
+        evals.append(self.evaluate(cfg.trainer.max_steps))
+        accounting = ray.get(self.service.accounting.remote())
+        (self.output_dir / "accounting.json").write_text(json.dumps(accounting, indent=1))
+        if not accounting["identity_holds"]:
+            raise RuntimeError(f"trajectory accounting does not add up: {accounting}")
+        (self.output_dir / "evals.json").write_text(json.dumps(evals, indent=1))
+        plot_run(monitor.rows, evals, self.output_dir / "reward_staleness.png")
+        return {
+            "eval/reward_base": evals[0]["eval/reward"], "eval/reward_final": evals[-1]["eval/reward"],
+            "eval/reward_best": max(e["eval/reward"] for e in evals), "steps": cfg.trainer.max_steps,
+            "perf/consumed_tokens_per_s": consumed_tokens / train_time, "staleness/lag_max_seen": max_lag,
+            "train_time_s": train_time, "accounting": accounting, "verified_publishes": self.verified_publishes,
+        }
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                ray.get(w.close.remote(), timeout=60)
+            except Exception:  # a dead worker has nothing left to close
+                log.debug("worker close failed", exc_info=True)
+
+
+def run(cfg) -> dict:
+    """Validate, connect, build, train, summarise. Raises ConfigError for bad input."""
+    validate(cfg)
+    build_task(cfg.task)  # a task that cannot be built is a config error, before any actor starts
+    model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
+    _connect_ray(cfg)
+    _check_resources(cfg)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run_ = Run(cfg, model_dir)
+    monitor = Monitor(cfg, output_dir, resolved)
+    try:
+        run_.setup()
+        summary = run_.train(monitor)
+        monitor.summary({k: v for k, v in summary.items() if k != "accounting"})
+        return summary
+    finally:
+        monitor.close()
+        run_.close()

@@ -1,0 +1,96 @@
+"""Where the numbers go: metrics.jsonl, wandb (same names), the console bar, the end-of-run plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode(configured: str | None) -> str:
+    """online when configured so or when an API key is present, else offline (never asks for a login)."""
+    if configured:
+        return configured
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc()
+    return "online" if has_key else "offline"
+
+
+def _netrc() -> str:
+    path = Path.home() / ".netrc"
+    return path.read_text() if path.exists() else ""
+
+
+class Monitor:
+    def __init__(self, cfg, output_dir: Path, resolved_config: dict) -> None:
+        self.output_dir = output_dir
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self._file = open(self.metrics_path, "a")
+        self.rows: list[dict] = []
+        self.wandb = None
+        mode = wandb_mode(cfg.logger.wandb.mode)
+        if mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity, name=cfg.logger.wandb.name,
+                mode=mode, dir=str(output_dir), config=resolved_config,
+            )
+            self.wandb.define_metric("*", step_metric="step")
+        self.bar = None
+        if cfg.logger.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.trainer.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(reward=f"{row.get('reward/mean', 0):.2f}", lag=row.get("staleness/lag_max", 0),
+                                 tok_s=f"{row.get('perf/consumed_tokens_per_s', 0):.0f}")
+
+    def summary(self, values: dict) -> None:
+        (self.output_dir / "summary.json").write_text(json.dumps(values, indent=1))
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_run(rows: list[dict], evals: list[dict], path: Path) -> Path:
+    """PNG: train reward and eval reward per step (top), staleness lag per step (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax1.plot(steps, [r["reward/mean"] for r in rows], label="train reward (mean of batch)")
+    if evals:
+        ax1.plot([e["step"] for e in evals], [e["eval/reward"] for e in evals], "o-", label="eval reward (greedy)")
+    ax1.set_ylabel("reward")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.legend(loc="lower right")
+    ax2.plot(steps, [r["staleness/lag_mean"] for r in rows], label="lag mean")
+    ax2.plot(steps, [r["staleness/lag_max"] for r in rows], label="lag max")
+    ax2.set_ylabel("staleness (versions)")
+    ax2.set_xlabel("step")
+    ax2.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

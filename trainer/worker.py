@@ -1,0 +1,179 @@
+"""The trainer worker: a Ray actor holding the policy, its optimizer and rank 0 of weight sync.
+
+One `train_step` is one optimizer step on one batch (DESIGN.md section 3):
+1. pi_prox log-probs recomputed under the weights at the start of the step (one extra
+   forward pass, no grad) — or pi_behav itself for coupled PPO;
+2. group advantages from the rewards;
+3. forward/backward per micro-batch, every micro-batch loss divided by the number of
+   valid tokens in the whole batch, so micro-batching does not change the gradient;
+4. clip, step, and diagnostics summed over the whole step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import socket
+import time
+from collections import defaultdict
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rollout.trajectory import Trajectory
+from rollout.weight_sync import broadcast_send, fingerprint, make_group, metas_of
+from trainer.advantages import group_advantages
+from trainer.losses import entropy_from_logits, policy_loss, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TrainerWorker:
+    """Ray actor: `ray.remote(TrainerWorker).options(...).remote(cfg, model_dir)`."""
+
+    def __init__(self, cfg, model_dir: str) -> None:
+        logging.basicConfig(level=cfg.logger.log_level, format="%(asctime)s %(name)s: %(message)s")
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        if cfg.trainer.torch_threads:
+            torch.set_num_threads(cfg.trainer.torch_threads)
+        self.device = torch.device("cuda" if cfg.trainer.num_gpus > 0 else "cpu")
+        # fp32 master weights; the engines get them cast to model.dtype at publish
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        self.model.train()
+        self.sync_dtype = getattr(torch, cfg.model.dtype)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
+        )
+        self.group = None
+        self.steps = 0
+
+    # ---- weight sync (rank 0) ----------------------------------------------------------
+    def sync_address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
+        self.group = make_group(backend, host, port, 0, world_size, timeout_s)
+
+    def param_metas(self):
+        return metas_of((n, p.detach().to(self.sync_dtype) if p.dtype != self.sync_dtype else p)
+                        for n, p in self.model.named_parameters())
+
+    def publish(self) -> dict:
+        """Broadcast every parameter to the engines; returns bytes moved and seconds."""
+        t0 = time.perf_counter()
+        named = list(self.model.named_parameters())
+        tensors = [p.detach().to(self.sync_dtype) for _, p in named]
+        sent = broadcast_send(self.group, tensors, metas_of(zip([n for n, _ in named], tensors)),
+                              self.cfg.weight_sync.bucket_mb << 20)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return {"bytes": sent, "seconds": time.perf_counter() - t0}
+
+    def fingerprint(self) -> str:
+        return fingerprint((p for p in self.model.parameters()), self.sync_dtype)
+
+    # ---- training ----------------------------------------------------------------------
+    def _batch_tensors(self, trajs: list[Trajectory]) -> dict[str, torch.Tensor]:
+        """Right-padded token ids, plus (B, T) indices of the positions predicting each response token."""
+        lengths = [t.num_tokens for t in trajs]
+        resp_len = max(len(t.response_ids) for t in trajs)
+        ids = torch.zeros(len(trajs), max(lengths), dtype=torch.long)  # (B, L)
+        attn = torch.zeros_like(ids)
+        pos = torch.zeros(len(trajs), resp_len, dtype=torch.long)  # (B, T)
+        targets = torch.zeros(len(trajs), resp_len, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(trajs), resp_len)  # (B, T)
+        behav = torch.zeros(len(trajs), resp_len)  # (B, T)
+        for b, t in enumerate(trajs):
+            seq = t.prompt_ids + t.response_ids
+            ids[b, : len(seq)] = torch.tensor(seq)
+            attn[b, : len(seq)] = 1
+            n, p = len(t.response_ids), len(t.prompt_ids)
+            pos[b, :n] = torch.arange(p - 1, p - 1 + n)  # logits at position j predict token j+1
+            targets[b, :n] = torch.tensor(t.response_ids)
+            mask[b, :n] = 1.0
+            behav[b, :n] = torch.tensor(t.logp_behav)
+        return {k: v.to(self.device) for k, v in
+                dict(ids=ids, attn=attn, pos=pos, targets=targets, mask=mask, behav=behav).items()}
+
+    def _logprobs(self, tb: dict[str, torch.Tensor], with_entropy: bool):
+        """Log-probs of the response tokens under the current weights, at the sampling temperature.
+        Only response positions go through the LM head (the prompt's logits are never needed)."""
+        hidden = self.model.get_decoder()(input_ids=tb["ids"], attention_mask=tb["attn"]).last_hidden_state  # (B, L, H)
+        h = torch.gather(hidden, 1, tb["pos"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, T, H)
+        logits = self.model.get_output_embeddings()(h).float() / self.cfg.rollout.temperature  # (B, T, V)
+        logp = token_logprobs(logits, tb["targets"])  # (B, T)
+        entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+        return logp, entropy
+
+    def train_step(self, batch: list[Trajectory]) -> dict:
+        t0 = time.perf_counter()
+        cfg, alg = self.cfg, self.cfg.algorithm
+        trajs = [t for t in batch if not t.is_baseline]
+        group_ids = {g: i for i, g in enumerate(dict.fromkeys(t.group_id for t in trajs))}
+        rewards = torch.tensor([t.reward for t in trajs])  # (N,)
+        advantages = group_advantages(rewards, torch.tensor([group_ids[t.group_id] for t in trajs]), alg.advantage)
+        n_tokens = sum(len(t.response_ids) for t in trajs)
+        denominator = float(n_tokens if alg.agg_mode == "token-mean" else len(trajs))
+        mbs = [list(range(i, min(i + cfg.trainer.micro_batch_size, len(trajs))))
+               for i in range(0, len(trajs), cfg.trainer.micro_batch_size)]
+        tensors = [self._batch_tensors([trajs[i] for i in mb]) for mb in mbs]
+
+        prox = []
+        with torch.no_grad():
+            for tb in tensors:
+                prox.append(self._logprobs(tb, False)[0] if alg.loss == "decoupled_ppo" else tb["behav"])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = defaultdict(float)
+        for mb, tb, logp_prox in zip(mbs, tensors, prox):
+            logp, entropy = self._logprobs(tb, True)
+            adv = advantages[mb].to(self.device).unsqueeze(1).expand_as(logp)  # (B, T)
+            loss, stats = policy_loss(
+                logp, logp_prox, tb["behav"], adv, tb["mask"],
+                eps_low=alg.eps_low, eps_high=alg.eps_high, behav_weight_cap=alg.behav_weight_cap,
+                cap_mode=alg.behav_weight_cap_mode, loss_denominator=denominator, agg_mode=alg.agg_mode,
+            )
+            loss.backward()
+            sums["loss"] += loss.item()
+            sums["entropy"] += (entropy * tb["mask"]).sum().item()
+            for k, v in stats.items():
+                sums[k] += float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip).item()
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
+        if skipped:
+            log.warning("Non-finite loss or gradient at step %d; skipping the optimizer step.", self.steps + 1)
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.steps += 1
+        tokens = max(sums["tokens"], 1.0)
+        return {
+            "loss/policy": sums["loss"],
+            "policy/clipfrac": sums["clipped"] / tokens,
+            "policy/approx_kl": sums["approx_kl"] / tokens,
+            "policy/entropy": sums["entropy"] / tokens,
+            "policy/behav_weight_capped_frac": sums["capped"] / tokens,
+            "policy/grad_norm": grad_norm,
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "rollout/response_len_mean": n_tokens / max(len(trajs), 1),
+            "train/skipped_steps": int(skipped),
+            "train/tokens": sum(t.num_tokens for t in trajs),
+            "time/train_s": time.perf_counter() - t0,
+            "memory/max_allocated_gib": self._max_memory_gib(),
+        }
+
+    def _max_memory_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
