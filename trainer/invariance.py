@@ -1,0 +1,162 @@
+"""Batch-size invariance (Hilton, Cobbe, Schulman 2021, arXiv 2110.00641; DESIGN.md section 4).
+
+    derive_invariant_hparams(reference_batch_size, batch_size, ...) -> InvariantHparams
+    ewma_center_of_mass(beta) -> steps;  ewma_span(beta) -> steps;  ewma_beta_from_span(span) -> beta
+    EWMAParams(params, beta): theta_ewma <- beta * theta_ewma + (1 - beta) * theta, bias-corrected
+
+With B = B_ref / c, the paper's rules are:
+    Adam lr             lr_ref / sqrt(c)
+    PPO-EWMA beta       centre of mass x c:  beta = 1 - 1 / (c * (1 / (1 - beta_ref) - 1) + 1)
+    adv-norm EWMA       span x c, span = 2 / (1 - beta) - 1 steps
+    Adam betas          beta ** (1 / c)     (optional; Adam eps is ignored)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+
+def ewma_center_of_mass(beta: float) -> float:
+    """Centre of mass of an EWMA with decay beta, in steps: 1 / (1 - beta) - 1 = beta / (1 - beta).
+    Hilton's default beta = 0.889 gives ~8 steps."""
+    _check_beta(beta, "beta")
+    return 1.0 / (1.0 - beta) - 1.0
+
+
+def ewma_span(beta: float) -> float:
+    """Span of an EWMA with decay beta, in steps: 2 / (1 - beta) - 1 (the pandas convention)."""
+    _check_beta(beta, "beta")
+    return 2.0 / (1.0 - beta) - 1.0
+
+
+def ewma_beta_from_span(span: float) -> float:
+    """Inverse of `ewma_span`: beta = 1 - 2 / (span + 1). span = 1 gives beta = 0 (no memory)."""
+    if not span >= 1:
+        raise ValueError(f"EWMA span={span!r} must be >= 1 step (span 1 = this step's statistics only)")
+    return 1.0 - 2.0 / (span + 1.0)
+
+
+def _check_beta(beta: float, name: str) -> None:
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"{name}={beta!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class InvariantHparams:
+    """Hyper-parameters for batch size B derived from a reference configuration at B_ref."""
+
+    c: float  # B_ref / B
+    lr: float  # lr_ref / sqrt(c)
+    ewma_beta: float  # PPO-EWMA decay with c x the reference centre of mass
+    ewma_center_of_mass: float  # 1 / (1 - ewma_beta) - 1, optimizer steps
+    adv_norm_span: float  # reference span x c, steps
+    adv_norm_beta: float  # 1 - 2 / (adv_norm_span + 1)
+    adam_betas: tuple[float, float]  # reference betas ** (1 / c) if adapted, else unchanged
+
+
+def derive_invariant_hparams(
+    reference_batch_size: int,
+    batch_size: int,
+    *,
+    lr_ref: float,
+    ewma_beta_ref: float,
+    adv_norm_span_ref: float,
+    adam_betas_ref: tuple[float, float] = (0.9, 0.999),
+    adapt_adam_betas: bool = False,
+) -> InvariantHparams:
+    """Apply Hilton et al.'s scaling rules (arXiv 2110.00641) for B = B_ref / c."""
+    if reference_batch_size < 1 or batch_size < 1:
+        raise ValueError(
+            f"batch_invariance.reference_batch_size={reference_batch_size!r} and batch size={batch_size!r} "
+            "must both be >= 1"
+        )
+    _check_beta(ewma_beta_ref, "ewma_beta_ref")
+    c = reference_batch_size / batch_size
+    ewma_beta = 1.0 - 1.0 / (c * ewma_center_of_mass(ewma_beta_ref) + 1.0)
+    adv_norm_span = adv_norm_span_ref * c
+    if adv_norm_span < 1:
+        raise ValueError(
+            f"advantage-norm span {adv_norm_span_ref!r} x c={c:g} = {adv_norm_span:g} steps is < 1: the batch size "
+            f"{batch_size} is too large for this reference; raise the reference span or "
+            "batch_invariance.reference_batch_size"
+        )
+    b1, b2 = adam_betas_ref
+    adam_betas = (b1 ** (1.0 / c), b2 ** (1.0 / c)) if adapt_adam_betas else (b1, b2)
+    return InvariantHparams(
+        c=c,
+        lr=lr_ref / math.sqrt(c),
+        ewma_beta=ewma_beta,
+        ewma_center_of_mass=ewma_center_of_mass(ewma_beta),
+        adv_norm_span=adv_norm_span,
+        adv_norm_beta=ewma_beta_from_span(adv_norm_span),
+        adam_betas=adam_betas,
+    )
+
+
+class EWMAParams:
+    """Exponential moving average of parameters for the PPO-EWMA proximal policy
+    (Hilton et al. arXiv 2110.00641, PPO-EWMA):
+
+        raw_n = beta * raw_{n-1} + (1 - beta) * theta_n,   raw_0 = 0
+        theta_ewma = raw_n / (1 - beta^n)                  (bias correction)
+
+    Call `update` after every optimizer step (and once on the initial weights if pi_prox
+    should include them). Memory: one extra copy of the tracked parameters, in their dtype
+    unless `dtype` is given (float32 keeps small (1 - beta) increments on bf16 weights).
+    """
+
+    def __init__(self, params: Iterable[Tensor], beta: float, dtype: Optional[torch.dtype] = None) -> None:
+        _check_beta(beta, "ewma beta")
+        self.beta = beta
+        self.num_updates = 0
+        self._raw = [torch.zeros_like(p, dtype=dtype or p.dtype) for p in params]
+
+    @torch.no_grad()
+    def update(self, params: Iterable[Tensor]) -> None:
+        params = [p.detach() for p in params]
+        if len(params) != len(self._raw):
+            raise ValueError(f"EWMAParams tracks {len(self._raw)} tensors but update got {len(params)}")
+        for raw, p in zip(self._raw, params):
+            raw.mul_(self.beta).add_(p.to(raw.dtype), alpha=1.0 - self.beta)
+        self.num_updates += 1
+
+    def _correction(self) -> float:
+        if self.num_updates == 0:
+            raise RuntimeError("EWMAParams has no update yet; call update(params) before reading the average")
+        return 1.0 - self.beta**self.num_updates
+
+    @torch.no_grad()
+    def averaged(self) -> list[Tensor]:
+        """Bias-corrected averages, new tensors (one more copy while they live)."""
+        corr = self._correction()
+        return [raw / corr for raw in self._raw]
+
+    @torch.no_grad()
+    def copy_to(self, targets: Iterable[Tensor]) -> None:
+        """Write the bias-corrected averages into `targets` (e.g. the proximal model's parameters)
+        without allocating another full copy."""
+        corr = self._correction()
+        targets = list(targets)
+        if len(targets) != len(self._raw):
+            raise ValueError(f"EWMAParams tracks {len(self._raw)} tensors but copy_to got {len(targets)}")
+        for t, raw in zip(targets, self._raw):
+            t.copy_(raw).div_(corr)
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "num_updates": self.num_updates, "raw": [r.clone() for r in self._raw]}
+
+    def load_state_dict(self, state: dict) -> None:
+        raw = state["raw"]
+        if len(raw) != len(self._raw) or any(a.shape != b.shape for a, b in zip(raw, self._raw)):
+            raise ValueError("EWMAParams state_dict does not match the tracked parameters (count or shapes differ)")
+        _check_beta(state["beta"], "ewma beta")
+        self.beta = float(state["beta"])
+        self.num_updates = int(state["num_updates"])
+        with torch.no_grad():
+            for dst, src in zip(self._raw, raw):
+                dst.copy_(src)
