@@ -124,8 +124,12 @@ class TrainerWorker:
         advantages = group_advantages(rewards, torch.tensor([group_ids[t.group_id] for t in trajs]), alg.advantage)
         n_tokens = sum(len(t.response_ids) for t in trajs)
         denominator = float(n_tokens if alg.agg_mode == "token-mean" else len(trajs))
-        mbs = [list(range(i, min(i + cfg.trainer.micro_batch_size, len(trajs))))
-               for i in range(0, len(trajs), cfg.trainer.micro_batch_size)]
+        # A trajectory with advantage 0 adds exactly 0 to the policy-gradient loss and its gradient
+        # (L = -w * min(u*0, clip(u)*0)), so it is left out of the forward/backward passes while its
+        # tokens still count in the denominator: the same gradient for less compute. A sparse reward
+        # makes most groups all-0 or all-1, so this often skips most of the batch.
+        active = [i for i in range(len(trajs)) if advantages[i] != 0]
+        mbs = [active[i : i + cfg.trainer.micro_batch_size] for i in range(0, len(active), cfg.trainer.micro_batch_size)]
         tensors = [self._batch_tensors([trajs[i] for i in mb]) for mb in mbs]
 
         prox = []
@@ -133,7 +137,8 @@ class TrainerWorker:
             for tb in tensors:
                 prox.append(self._logprobs(tb, False)[0] if alg.loss == "decoupled_ppo" else tb["behav"])
 
-        self.optimizer.zero_grad(set_to_none=True)
+        # zeros, not None: AdamW skips parameters without a grad, a zero grad still applies momentum
+        self.optimizer.zero_grad(set_to_none=False)
         sums: dict[str, float] = defaultdict(float)
         for mb, tb, logp_prox in zip(mbs, tensors, prox):
             logp, entropy = self._logprobs(tb, True)
@@ -152,11 +157,11 @@ class TrainerWorker:
         skipped = not (math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
         if skipped:
             log.warning("Non-finite loss or gradient at step %d; skipping the optimizer step.", self.steps + 1)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)
         else:
             self.optimizer.step()
         self.steps += 1
-        tokens = max(sums["tokens"], 1.0)
+        tokens = max(sums["tokens"], 1.0)  # diagnostics are over the tokens that were trained on
         return {
             "loss/policy": sums["loss"],
             "policy/clipfrac": sums["clipped"] / tokens,
@@ -168,6 +173,7 @@ class TrainerWorker:
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "rollout/response_len_mean": n_tokens / max(len(trajs), 1),
             "train/skipped_steps": int(skipped),
+            "train/active_frac": len(active) / max(len(trajs), 1),  # trajectories with a non-zero advantage
             "train/tokens": sum(t.num_tokens for t in trajs),
             "time/train_s": time.perf_counter() - t0,
             "memory/max_allocated_gib": self._max_memory_gib(),
