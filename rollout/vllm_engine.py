@@ -55,6 +55,8 @@ _VLLM_ENV = {
     # Inside a Ray actor vLLM forces spawn anyway; fork of a threaded process (Ray, torch)
     # can deadlock, so use spawn everywhere.
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    # vLLM logs every request-level event at INFO; the run's own progress bar says more
+    "VLLM_LOGGING_LEVEL": "WARNING",
 }
 
 
