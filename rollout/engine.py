@@ -53,6 +53,10 @@ class Engine(abc.ABC):
         """Receive a full broadcast of the parameters described by `metas` and load them."""
 
     @abc.abstractmethod
+    async def receive_weights_ipc(self, handles: bytes, metas: list[ParamMeta], bucket_bytes: int) -> None:
+        """Colocated on one GPU: load from the trainer's CUDA buffers through IPC handles."""
+
+    @abc.abstractmethod
     async def weights_fingerprint(self) -> str:
         """Layout-independent fingerprint of the weights the engine serves (see weight_sync)."""
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from rollout.engine import Engine, SamplingSpec, Segment
-from rollout.weight_sync import ParamMeta, broadcast_recv, fingerprint, make_group
+from rollout.weight_sync import ParamMeta, broadcast_recv, fingerprint, ipc_unpack, make_group
 
 
 class _AbortFlag(StoppingCriteria):
@@ -95,15 +95,22 @@ class HFEngine(Engine):
         self._group = await asyncio.to_thread(make_group, backend, host, port, rank, world_size, timeout_s)
 
     def _receive_blocking(self, metas: list[ParamMeta], bucket_bytes: int) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in broadcast_recv(self._group, metas, bucket_bytes, self.device):
-                params[name].copy_(tensor)
+        self._load_blocking(broadcast_recv(self._group, metas, bucket_bytes, self.device))
 
     async def receive_weights(self, metas: list[ParamMeta], bucket_bytes: int) -> None:
         if self._group is None:
             raise RuntimeError("receive_weights before init_weight_sync: the engine has not joined the weight-sync group")
         await asyncio.to_thread(self._receive_blocking, metas, bucket_bytes)
+
+    def _load_blocking(self, stream) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in stream:
+                params[name].copy_(tensor)
+
+    async def receive_weights_ipc(self, handles: bytes, metas: list[ParamMeta], bucket_bytes: int) -> None:
+        await asyncio.to_thread(self._load_blocking, ipc_unpack(handles, metas, bucket_bytes))
+        torch.cuda.synchronize()
 
     async def weights_fingerprint(self) -> str:
         return fingerprint(p for p in self.model.parameters())

@@ -132,6 +132,34 @@ def prepare_tiny(cache_dir: str | None = None) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as work:
+        tmp = Path(work) / "out"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return _finish(tmp, final)
+
+
+def prepare_random_1p5b(cache_dir: str | None = None, tokenizer_dir: str | None = None) -> Path:
+    """A random-initialised Qwen2-architecture model of about 1.4B parameters (hidden 1536, 28 layers,
+    GQA 12/2 heads, MLP 8960, tied embeddings) with the bundled tokenizer, in bfloat16: for
+    throughput and weight-sync measurements, where weights do not matter (cached)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    cache = default_cache_dir(cache_dir)
+    final = cache / "models" / "random-1.5b"
+    if _is_complete(final):
+        return final
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or prepare_bundled(cache_dir))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as work:
         tmp = Path(work) / "out"
         model.save_pretrained(tmp, safe_serialization=True)
@@ -140,11 +168,13 @@ def prepare_tiny(cache_dir: str | None = None) -> Path:
 
 
 def resolve_model_dir(name: str, path: str | None, cache_dir: str | None = None) -> Path:
-    """The HF directory for `model.name` (preparing bundled/tiny models on first use)."""
+    """The HF directory for `model.name` (preparing bundled/tiny/random models on first use)."""
     if name == "smollm2-135m":
         return prepare_bundled(cache_dir)
     if name == "tiny":
         return prepare_tiny(cache_dir)
+    if name == "random-1.5b":
+        return prepare_random_1p5b(cache_dir, path)  # model.path, if set, gives the tokenizer
     model_dir = Path(path or "").expanduser()
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"model.path={path!r} is not a Hugging Face model directory (no config.json there)")

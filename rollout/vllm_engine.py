@@ -302,6 +302,12 @@ class VLLMEngine(Engine):
         log.debug("vLLM workers loaded %s tensors", counts)
         await self._reset_prefix_cache()
 
+    async def receive_weights_ipc(self, handles: bytes, metas: list[ParamMeta], bucket_bytes: int) -> None:
+        """Colocated: load from the trainer's CUDA buffers (see weight_sync.ipc_pack)."""
+        plain = [(m.name, tuple(m.shape), m.dtype) for m in metas]
+        await self._rpc("tether_receive_ipc", handles, plain, bucket_bytes)
+        await self._reset_prefix_cache()
+
     async def _reset_prefix_cache(self) -> None:
         llm = self._require_started()
         params = inspect.signature(llm.reset_prefix_cache).parameters

@@ -34,7 +34,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from rollout.weight_sync import ParamMeta, broadcast_recv, fingerprint, make_group
+from rollout.weight_sync import ParamMeta, broadcast_recv, fingerprint, ipc_unpack, make_group
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,17 @@ class WeightSyncExtension:
             raise RuntimeError("tether_receive_weights before tether_init_weight_sync: this vLLM worker "
                                "has not joined the weight-sync group")
         metas = [_as_meta(m) for m in metas]
-        received = _Received(broadcast_recv(group, metas, bucket_bytes, self._tether_device))
+        return self._tether_load(broadcast_recv(group, metas, bucket_bytes, self._tether_device), len(metas))
+
+    def tether_receive_ipc(self, handles: bytes, metas: list, bucket_bytes: int) -> int:
+        """Colocated: load from the trainer's CUDA buffers through IPC handles (no host copy)."""
+        metas = [_as_meta(m) for m in metas]
+        loaded = self._tether_load(ipc_unpack(handles, metas, bucket_bytes), len(metas))
+        torch.cuda.synchronize()  # the trainer may free its buffers once every receiver returned
+        return loaded
+
+    def _tether_load(self, stream: Iterator[tuple[str, torch.Tensor]], expected: int) -> int:
+        received = _Received(stream)
         runner = self.model_runner
         model = runner.get_model() if hasattr(runner, "get_model") else runner.model
         try:
@@ -220,8 +230,8 @@ class WeightSyncExtension:
             left = received.drain()
             if left:
                 log.warning("vLLM worker drained %d tensors the loader did not consume", left)
-        if received.count != len(metas):
-            raise RuntimeError(f"weight sync loaded {received.count} of {len(metas)} tensors")
+        if received.count != expected:
+            raise RuntimeError(f"weight sync loaded {received.count} of {expected} tensors")
         return received.count
 
     def tether_fingerprint(self) -> str:

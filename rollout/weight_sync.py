@@ -147,3 +147,41 @@ def fingerprint(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None = Non
         acc = (acc + int(h.sum())) & _MASK
         count += int((x != 0).sum())
     return hashlib.sha256(f"{acc}:{count}".encode()).hexdigest()[:16]
+
+
+# ---- colocated: trainer and engine on one GPU -----------------------------------------------
+# NCCL cannot join two ranks on one device, and a copy through the host would waste the
+# point of sharing a GPU. The trainer packs each bucket into a CUDA buffer and hands out CUDA
+# IPC handles (torch.multiprocessing's reduction of a CUDA tensor); the engine opens them and
+# loads straight from the trainer's memory: device-to-device, no host copy, no extra
+# collective. The handles are pickled once into bytes so that they cross vLLM's RPC layer,
+# which serialises only plain values; they come from our own trainer process, never from
+# user input.
+
+
+def ipc_pack(tensors: list[torch.Tensor], metas: list[ParamMeta], bucket_bytes: int) -> tuple[list[torch.Tensor], bytes]:
+    """Sender: (buffers to keep alive until every receiver loaded them, pickled IPC handles)."""
+    import pickle
+
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    buffers = [torch.cat([_as_bytes(tensors[i]) for i in bucket]) for bucket in plan_buckets(metas, bucket_bytes)]
+    if buffers and not buffers[0].is_cuda:
+        raise RuntimeError("weight_sync.backend=ipc needs the trainer on a GPU (colocated with the engine)")
+    return buffers, pickle.dumps([reduce_tensor(b) for b in buffers])
+
+
+def ipc_unpack(handles: bytes, metas: list[ParamMeta], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Receiver: yields (name, tensor) views into the sender's buffers (valid until the sender frees them)."""
+    import pickle
+
+    device = torch.cuda.current_device()  # colocated: the sender's GPU is this process's current one
+    for bucket, (rebuild, args) in zip(plan_buckets(metas, bucket_bytes), pickle.loads(handles)):
+        args = list(args)
+        args[6] = device  # the sender's device index; the same GPU may have another index here
+        buf = rebuild(*args)
+        offset = 0
+        for i in bucket:
+            m = metas[i]
+            yield m.name, buf[offset : offset + m.nbytes].view(m.torch_dtype).view(m.shape)
+            offset += m.nbytes

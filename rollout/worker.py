@@ -16,8 +16,10 @@ import time
 import zlib
 from dataclasses import replace
 
+import torch
 from transformers import AutoTokenizer
 
+from rewards.pool import RewardPool
 from rewards.tasks import build_task, render_prompt
 from rollout.engine import Engine, SamplingSpec
 from rollout.trajectory import Trajectory
@@ -46,7 +48,7 @@ def build_engine(rollout_cfg, model_cfg, model_dir: str, seed: int) -> Engine:
         )
     from rollout.hf_engine import HFEngine
 
-    return HFEngine(model_dir, dtype=model_cfg.dtype, device="cuda" if rollout_cfg.num_gpus > 0 else "cpu")
+    return HFEngine(model_dir, dtype=model_cfg.dtype, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 class RolloutWorker:
@@ -61,6 +63,7 @@ class RolloutWorker:
         self.task = build_task(cfg.task)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.engine: Engine | None = None
+        self.rewards: RewardPool | None = None
         self.version = 0
         self._weights_ready: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
@@ -75,6 +78,7 @@ class RolloutWorker:
         self._weights_ready.set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.rewards = RewardPool(self.task.reward_fn, self.cfg.rewards.num_workers, self.cfg.rewards.timeout_s)
         self.engine = build_engine(self.cfg.rollout, self.cfg.model, self.model_dir, self.cfg.seed + self.index)
         if hasattr(self.engine, "start"):
             await self.engine.start()
@@ -103,6 +107,10 @@ class RolloutWorker:
 
     async def receive_weights(self, metas: list[ParamMeta], bucket_bytes: int, version: int) -> None:
         await self.engine.receive_weights(metas, bucket_bytes)
+        self.version = version
+
+    async def receive_weights_ipc(self, handles: bytes, metas: list[ParamMeta], bucket_bytes: int, version: int) -> None:
+        await self.engine.receive_weights_ipc(handles, metas, bucket_bytes)
         self.version = version
 
     async def end_publish(self) -> None:
@@ -159,35 +167,47 @@ class RolloutWorker:
                         "finish_reason": "length", "interruptions": interruptions}
             interruptions += 1
 
-    def _score(self, text: str, answer: str) -> tuple[float, bool]:
-        try:
-            return float(self.task.reward_fn(text, answer)), False
-        except Exception:  # a failing reward must not kill the worker: reward 0, counted
-            if self.stats["reward_errors"] == 0:
-                log.exception("reward function failed (logged once; further failures are only counted)")
+    async def _score(self, text: str, answer: str) -> tuple[float, bool]:
+        """Reward in the process pool: an exception, crash or timeout gives 0 and is counted
+        (the pool logs the first of each kind with its traceback)."""
+        reward, error = await self.rewards.score(text, answer)
+        if error is not None:
             self.stats["reward_errors"] += 1
-            return 0.0, True
+        return reward, error is not None
 
     async def _rollout_group(self, ticket: dict) -> list[Trajectory]:
+        """G samples of one prompt; with ReMax also its greedy response, the baseline.
+
+        ReMax (Li et al. arXiv 2310.10505) uses r(greedy(x)) as the baseline of every sample of x.
+        The greedy response is generated here with the group, by the same engine under the same
+        weights version, and tagged like the samples. If a publish interrupts it, it continues under
+        the new weights like any sample: the baseline is then the greedy decoding of the policies the
+        response spanned (at most a few versions apart). It still does not depend on the sampled
+        responses, so the gradient estimate stays unbiased; only its variance reduction is a little
+        less tight.
+        """
         problem = self.task.train[ticket["prompt_index"]]
         prompt_ids = render_prompt(self.task, self.tokenizer, problem.question)
         g = self.cfg.trainer.group_size
         base_seed = zlib.crc32(f"{self.cfg.seed}-{ticket['seq']}".encode())
         spec = SamplingSpec(max_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature,
                             top_p=self.cfg.rollout.top_p)
+        specs = [(str(k), replace(spec, seed=base_seed + 1000 * k)) for k in range(g)]
+        if self.cfg.algorithm.advantage == "remax":
+            specs.append(("b", replace(spec, temperature=0.0)))
         samples = await asyncio.gather(*(
-            self._sample(f"w{self.index}-{ticket['seq']}-{k}", prompt_ids, replace(spec, seed=base_seed + 1000 * k))
-            for k in range(g)
+            self._sample(f"w{self.index}-{ticket['seq']}-{k}", prompt_ids, sp) for k, sp in specs
         ))
         group = []
-        for k, s in enumerate(samples):
+        for (k, _), s in zip(specs, samples):
             text = self.tokenizer.decode(s["tokens"], skip_special_tokens=True)
-            reward, failed = self._score(text, problem.answer)
+            reward, failed = await self._score(text, problem.answer)
             group.append(Trajectory(
                 traj_id=f"{ticket['seq']}-{k}", prompt_index=ticket["prompt_index"], group_id=str(ticket["seq"]),
                 prompt_ids=prompt_ids, response_ids=s["tokens"], logp_behav=s["logps"], versions=s["versions"],
                 start_version=ticket["version"], reward=reward, finish_reason=s["finish_reason"],
                 interruptions=s["interruptions"], reward_error=failed, info={"text": text},
+                is_baseline=(k == "b"),
             ))
         self.stats["groups"] += 1
         return group
@@ -233,11 +253,13 @@ class RolloutWorker:
             prompt_ids = render_prompt(self.task, self.tokenizer, problem.question)
             seg = await self.engine.generate(f"eval-w{self.index}-v{self.version}-{i}", prompt_ids, spec)
             text = self.tokenizer.decode(seg.token_ids, skip_special_tokens=True)
-            reward, _ = self._score(text, problem.answer)
+            reward, _ = await self._score(text, problem.answer)
             return {"index": i, "reward": reward, "text": text, "answer": problem.answer}
 
         return list(await asyncio.gather(*(one(i) for i in indices)))
 
     async def close(self) -> None:
+        if self.rewards is not None:
+            self.rewards.close()
         if self.engine is not None:
             await self.engine.close()

@@ -19,6 +19,10 @@ from staleness.controller import StalenessController
 log = logging.getLogger(__name__)
 
 
+def _trained(trajs: list[Trajectory]) -> int:
+    return sum(not t.is_baseline for t in trajs)
+
+
 class StalenessService:
     """Ray actor (async): `ray.remote(StalenessService).remote(...)`."""
 
@@ -58,9 +62,11 @@ class StalenessService:
             return {"seq": seq, "prompt_index": self._next_prompt(), "version": self.ctl.version}
 
     async def put(self, group: list[Trajectory]) -> None:
+        """A finished group. A ReMax baseline response rides along with its group but is not one of
+        the admitted rollouts (it is never trained on), so it is not counted."""
         cond = self._condition()
         async with cond:
-            self.ctl.finish(len(group))
+            self.ctl.finish(_trained(group))
             self._buffer.append(group)
             cond.notify_all()
 
@@ -77,22 +83,23 @@ class StalenessService:
         cond = self._condition()
         async with cond:
             batch: list[Trajectory] = []
-            while len(batch) < n:
+            while _trained(batch) < n:
                 await cond.wait_for(lambda: self._buffer or self._stopped)
                 if not self._buffer:
                     raise RuntimeError(f"the staleness service stopped with {len(batch)} of {n} trajectories batched")
                 group = self._buffer.pop(0)
                 if self.ctl.version - group[0].start_version > self.ctl.max_staleness:
-                    self.ctl.drop_buffered(len(group), "stale")
+                    self.ctl.drop_buffered(_trained(group), "stale")
                     log.warning("dropped stale group %s (started at version %d, now %d)",
                                 group[0].group_id, group[0].start_version, self.ctl.version)
                     continue
                 batch.extend(group)
-            for traj in batch:
+            batch_trained = [t for t in batch if not t.is_baseline]
+            for traj in batch_trained:
                 if traj.traj_id in self._consumed_ids:
                     raise RuntimeError(f"trajectory {traj.traj_id} would be consumed twice")
                 self._consumed_ids.add(traj.traj_id)
-            self.ctl.consume(len(batch), [self.ctl.version - t.start_version for t in batch])
+            self.ctl.consume(len(batch_trained), [self.ctl.version - t.start_version for t in batch_trained])
             cond.notify_all()
             return batch
 

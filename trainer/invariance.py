@@ -54,8 +54,8 @@ class InvariantHparams:
     lr: float  # lr_ref / sqrt(c)
     ewma_beta: float  # PPO-EWMA decay with c x the reference centre of mass
     ewma_center_of_mass: float  # 1 / (1 - ewma_beta) - 1, optimizer steps
-    adv_norm_span: float  # reference span x c, steps
-    adv_norm_beta: float  # 1 - 2 / (adv_norm_span + 1)
+    adv_norm_span: Optional[float]  # reference span x c, steps; None = off
+    adv_norm_beta: Optional[float]  # 1 - 2 / (adv_norm_span + 1)
     adam_betas: tuple[float, float]  # reference betas ** (1 / c) if adapted, else unchanged
 
 
@@ -65,7 +65,7 @@ def derive_invariant_hparams(
     *,
     lr_ref: float,
     ewma_beta_ref: float,
-    adv_norm_span_ref: float,
+    adv_norm_span_ref: Optional[float],
     adam_betas_ref: tuple[float, float] = (0.9, 0.999),
     adapt_adam_betas: bool = False,
 ) -> InvariantHparams:
@@ -78,8 +78,8 @@ def derive_invariant_hparams(
     _check_beta(ewma_beta_ref, "ewma_beta_ref")
     c = reference_batch_size / batch_size
     ewma_beta = 1.0 - 1.0 / (c * ewma_center_of_mass(ewma_beta_ref) + 1.0)
-    adv_norm_span = adv_norm_span_ref * c
-    if adv_norm_span < 1:
+    adv_norm_span = None if adv_norm_span_ref is None else adv_norm_span_ref * c  # None: normalisation off
+    if adv_norm_span is not None and adv_norm_span < 1:
         raise ValueError(
             f"advantage-norm span {adv_norm_span_ref!r} x c={c:g} = {adv_norm_span:g} steps is < 1: the batch size "
             f"{batch_size} is too large for this reference; raise the reference span or "
@@ -93,7 +93,7 @@ def derive_invariant_hparams(
         ewma_beta=ewma_beta,
         ewma_center_of_mass=ewma_center_of_mass(ewma_beta),
         adv_norm_span=adv_norm_span,
-        adv_norm_beta=ewma_beta_from_span(adv_norm_span),
+        adv_norm_beta=None if adv_norm_span is None else ewma_beta_from_span(adv_norm_span),
         adam_betas=adam_betas,
     )
 
@@ -105,58 +105,80 @@ class EWMAParams:
         raw_n = beta * raw_{n-1} + (1 - beta) * theta_n,   raw_0 = 0
         theta_ewma = raw_n / (1 - beta^n)                  (bias correction)
 
-    Call `update` after every optimizer step (and once on the initial weights if pi_prox
-    should include them). Memory: one extra copy of the tracked parameters, in their dtype
-    unless `dtype` is given (float32 keeps small (1 - beta) increments on bf16 weights).
+    Stored directly as the bias-corrected average, through the equivalent recursion
+        a_n = (1 - beta) / (1 - beta^n)
+        avg_n = (1 - a_n) * avg_{n-1} + a_n * theta_n      (a_1 = 1: avg_1 = theta_1)
+    so `averaged()` returns the stored tensors without a copy and the memory cost is exactly
+    one extra copy of the tracked parameters (float32 by `dtype` keeps small increments on
+    bf16 weights). Call `update` after every optimizer step (and once on the initial weights).
     """
 
     def __init__(self, params: Iterable[Tensor], beta: float, dtype: Optional[torch.dtype] = None) -> None:
         _check_beta(beta, "ewma beta")
         self.beta = beta
         self.num_updates = 0
-        self._raw = [torch.zeros_like(p, dtype=dtype or p.dtype) for p in params]
+        self._avg = [torch.zeros_like(p, dtype=dtype or p.dtype) for p in params]
 
     @torch.no_grad()
     def update(self, params: Iterable[Tensor]) -> None:
         params = [p.detach() for p in params]
-        if len(params) != len(self._raw):
-            raise ValueError(f"EWMAParams tracks {len(self._raw)} tensors but update got {len(params)}")
-        for raw, p in zip(self._raw, params):
-            raw.mul_(self.beta).add_(p.to(raw.dtype), alpha=1.0 - self.beta)
+        if len(params) != len(self._avg):
+            raise ValueError(f"EWMAParams tracks {len(self._avg)} tensors but update got {len(params)}")
         self.num_updates += 1
+        a = (1.0 - self.beta) / (1.0 - self.beta**self.num_updates)
+        for avg, p in zip(self._avg, params):
+            avg.mul_(1.0 - a).add_(p.to(avg.dtype), alpha=a)
 
-    def _correction(self) -> float:
+    def _require_update(self) -> None:
         if self.num_updates == 0:
             raise RuntimeError("EWMAParams has no update yet; call update(params) before reading the average")
-        return 1.0 - self.beta**self.num_updates
 
     @torch.no_grad()
     def averaged(self) -> list[Tensor]:
-        """Bias-corrected averages, new tensors (one more copy while they live)."""
-        corr = self._correction()
-        return [raw / corr for raw in self._raw]
+        """The bias-corrected averages (the stored tensors themselves: do not modify them)."""
+        self._require_update()
+        return self._avg
 
     @torch.no_grad()
     def copy_to(self, targets: Iterable[Tensor]) -> None:
-        """Write the bias-corrected averages into `targets` (e.g. the proximal model's parameters)
-        without allocating another full copy."""
-        corr = self._correction()
+        """Write the bias-corrected averages into `targets` (e.g. a proximal model's parameters)."""
+        self._require_update()
         targets = list(targets)
-        if len(targets) != len(self._raw):
-            raise ValueError(f"EWMAParams tracks {len(self._raw)} tensors but copy_to got {len(targets)}")
-        for t, raw in zip(targets, self._raw):
-            t.copy_(raw).div_(corr)
+        if len(targets) != len(self._avg):
+            raise ValueError(f"EWMAParams tracks {len(self._avg)} tensors but copy_to got {len(targets)}")
+        for t, avg in zip(targets, self._avg):
+            t.copy_(avg)
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "num_updates": self.num_updates, "raw": [r.clone() for r in self._raw]}
+        return {"beta": self.beta, "num_updates": self.num_updates, "avg": [a.clone() for a in self._avg]}
 
     def load_state_dict(self, state: dict) -> None:
-        raw = state["raw"]
-        if len(raw) != len(self._raw) or any(a.shape != b.shape for a, b in zip(raw, self._raw)):
+        avg = state["avg"]
+        if len(avg) != len(self._avg) or any(a.shape != b.shape for a, b in zip(avg, self._avg)):
             raise ValueError("EWMAParams state_dict does not match the tracked parameters (count or shapes differ)")
         _check_beta(state["beta"], "ewma beta")
         self.beta = float(state["beta"])
         self.num_updates = int(state["num_updates"])
         with torch.no_grad():
-            for dst, src in zip(self._raw, raw):
+            for dst, src in zip(self._avg, avg):
                 dst.copy_(src)
+
+
+def effective_hparams(cfg) -> dict:
+    """The learning rate, Adam betas, EWMA decay and advantage-norm span the trainer uses:
+    the configured ones, or — with `batch_invariance.reference_batch_size` set — the values
+    derived for trainer.batch_size by the rules above (the configured ones are the reference's)."""
+    alg, t = cfg.algorithm, cfg.trainer
+    out = {"c": 1.0, "lr": t.lr, "adam_betas": (t.adam_beta1, t.adam_beta2), "ewma_decay": alg.ewma_decay,
+           "ewma_center_of_mass_steps": ewma_center_of_mass(alg.ewma_decay), "adv_norm_span": alg.adv_norm_span}
+    ref = cfg.batch_invariance.reference_batch_size
+    if ref is None:
+        return out
+    h = derive_invariant_hparams(
+        ref, t.batch_size, lr_ref=t.lr, ewma_beta_ref=alg.ewma_decay,
+        adv_norm_span_ref=alg.adv_norm_span,
+        adam_betas_ref=(t.adam_beta1, t.adam_beta2), adapt_adam_betas=cfg.batch_invariance.adapt_adam_betas,
+    )
+    return {"c": h.c, "lr": h.lr, "adam_betas": h.adam_betas, "ewma_decay": h.ewma_beta,
+            "ewma_center_of_mass_steps": h.ewma_center_of_mass,
+            "adv_norm_span": h.adv_norm_span}

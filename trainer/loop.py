@@ -19,10 +19,11 @@ import ray
 from omegaconf import OmegaConf
 
 from configs.schema import ConfigError, validate
-from rewards.tasks import build_task
+from rewards.tasks import build_task, resolve_data_path
 from rollout.models import resolve_model_dir
 from rollout.worker import RolloutWorker
 from staleness.service import StalenessService
+from trainer.invariance import effective_hparams
 from trainer.monitor import Monitor, plot_run
 from trainer.worker import TrainerWorker
 
@@ -41,11 +42,40 @@ def _connect_ray(cfg) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", runtime_env=env)
 
 
-def _check_resources(cfg) -> None:
+def _layout(cfg) -> dict:
+    """GPUs per actor and the weight-sync backend.
+
+    Disaggregated (default with 2+ GPUs): the configured rollout.num_gpus / trainer.num_gpus,
+    NCCL between them. Colocated (rollout.colocate=true, or unset on a 1-GPU cluster with GPUs
+    requested): trainer and engines share one GPU — the trainer takes half of it and the R
+    engines the other half between them (each engine's memory is rollout.gpu_memory_utilization),
+    and weights move by CUDA IPC handles.
+    """
+    r, t = cfg.rollout, cfg.trainer
+    gpus = ray.cluster_resources().get("GPU", 0)
+    colocate = r.colocate
+    if colocate is None:
+        colocate = gpus == 1 and r.num_gpus > 0 and t.num_gpus > 0
+    backend = cfg.weight_sync.backend
+    if colocate:
+        rollout_gpus, trainer_gpus = 0.5 / r.num_workers, 0.5
+        if backend == "auto":
+            backend = "ipc"
+        log.info("colocated layout: trainer and %d engine(s) share one GPU; weight sync by %s", r.num_workers, backend)
+    else:
+        rollout_gpus, trainer_gpus = r.num_gpus, t.num_gpus
+        if backend == "auto":
+            backend = "nccl" if rollout_gpus > 0 and trainer_gpus > 0 else "gloo"
+    if backend == "ipc" and not colocate:
+        raise ConfigError("weight_sync.backend=ipc needs the colocated layout (rollout.colocate=true)")
+    return {"colocate": colocate, "rollout_gpus": rollout_gpus, "trainer_gpus": trainer_gpus, "backend": backend}
+
+
+def _check_resources(cfg, layout: dict) -> None:
     """Fail fast, naming what is missing, when the cluster cannot host the actors."""
     total = ray.cluster_resources()
     need_cpu = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.trainer.num_workers * cfg.trainer.num_cpus
-    need_gpu = cfg.rollout.num_workers * cfg.rollout.num_gpus + cfg.trainer.num_workers * cfg.trainer.num_gpus
+    need_gpu = cfg.rollout.num_workers * layout["rollout_gpus"] + cfg.trainer.num_workers * layout["trainer_gpus"]
     if need_cpu > total.get("CPU", 0):
         raise ConfigError(
             f"the actors need {need_cpu:g} CPUs (rollout.num_workers x rollout.num_cpus + trainer.num_cpus) but the "
@@ -59,10 +89,12 @@ def _check_resources(cfg) -> None:
 
 
 class Run:
-    def __init__(self, cfg, model_dir: str) -> None:
+    def __init__(self, cfg, model_dir: str, layout: dict) -> None:
         self.cfg = cfg
         self.model_dir = model_dir
+        self.layout = layout
         self.verified_publishes = 0
+        self.num_eval = len(build_task(cfg.task).eval)
         self.output_dir = Path(cfg.output_dir)
         r = cfg.rollout
         self.service = ray.remote(StalenessService).options(num_cpus=0).remote(
@@ -70,11 +102,12 @@ class Run:
             cfg.task.num_train, cfg.seed,
         )
         self.trainer = ray.remote(TrainerWorker).options(
-            num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus
+            num_cpus=cfg.trainer.num_cpus, num_gpus=layout["trainer_gpus"]
         ).remote(cfg, self.model_dir)
         self.workers = [
             ray.remote(RolloutWorker).options(
-                num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_concurrency=10_000, max_restarts=r.max_restarts,
+                num_cpus=r.num_cpus, num_gpus=layout["rollout_gpus"], max_concurrency=10_000,
+                max_restarts=r.max_restarts,
             ).remote(i, cfg, self.model_dir, self.service)
             for i in range(r.num_workers)
         ]
@@ -82,9 +115,10 @@ class Run:
     def setup(self) -> None:
         cfg = self.cfg
         ray.get([w.start.remote() for w in self.workers])  # engines up (vLLM: tens of seconds)
-        backend = cfg.weight_sync.backend
-        if backend == "auto":
-            backend = "nccl" if cfg.rollout.num_gpus > 0 and cfg.trainer.num_gpus > 0 else "gloo"
+        self.metas = ray.get(self.trainer.param_metas.remote())
+        backend = self.layout["backend"]
+        if backend == "ipc":
+            return  # no process group: handles travel through Ray
         tp = cfg.rollout.tensor_parallel_size
         world = 1 + tp * len(self.workers)
         host, port = ray.get(self.trainer.sync_address.remote())
@@ -93,16 +127,23 @@ class Run:
         ray.get([self.trainer.init_weight_sync.remote(host, port, world, backend, timeout)]
                 + [w.init_weight_sync.remote(host, port, 1 + tp * i, world, backend, timeout)
                    for i, w in enumerate(self.workers)])
-        self.metas = ray.get(self.trainer.param_metas.remote())
 
     def publish(self, version: int) -> dict:
         """Pause admission -> abort/await in-flight -> broadcast -> version -> resume."""
         ray.get(self.service.pause.remote())
         interrupted = sum(ray.get([w.begin_publish.remote() for w in self.workers]))
         bucket = self.cfg.weight_sync.bucket_mb << 20
-        # ray.get blocks until the trainer sent every bucket and every engine loaded it
-        out = ray.get([self.trainer.publish.remote()]
-                      + [w.receive_weights.remote(self.metas, bucket, version) for w in self.workers])[0]
+        if self.layout["backend"] == "ipc":
+            t0 = time.perf_counter()
+            packed = ray.get(self.trainer.publish_ipc.remote())
+            # ray.get blocks until every engine loaded from the trainer's buffers; then they are freed
+            ray.get([w.receive_weights_ipc.remote(packed["handles"], self.metas, bucket, version) for w in self.workers])
+            ray.get(self.trainer.release_ipc.remote())
+            out = {"bytes": packed["bytes"], "seconds": time.perf_counter() - t0}
+        else:
+            # ray.get blocks until the trainer sent every bucket and every engine loaded it
+            out = ray.get([self.trainer.publish.remote()]
+                          + [w.receive_weights.remote(self.metas, bucket, version) for w in self.workers])[0]
         if self.cfg.weight_sync.verify:
             self.verify_weights(version)
         ray.get(self.service.set_version.remote(version))
@@ -121,7 +162,7 @@ class Run:
         self.verified_publishes += 1
 
     def evaluate(self, step: int) -> dict:
-        n = self.cfg.task.num_eval
+        n = self.num_eval
         shards = [list(range(i, n, len(self.workers))) for i in range(len(self.workers))]
         results = [r for rs in ray.get([w.evaluate.remote(s, self.cfg.eval.max_new_tokens)
                                         for w, s in zip(self.workers, shards) if s]) for r in rs]
@@ -131,6 +172,15 @@ class Run:
 
     def train(self, monitor: Monitor) -> dict:
         cfg = self.cfg
+        hp = effective_hparams(cfg)
+        if cfg.batch_invariance.reference_batch_size is not None:
+            log.info("batch-size invariance: B_ref=%d, B=%d, c=%.4g -> lr %.4g, adam betas (%.6g, %.6g), "
+                     "EWMA decay %.6g (centre of mass %.3g steps), advantage-norm span %s",
+                     cfg.batch_invariance.reference_batch_size, cfg.trainer.batch_size, hp["c"], hp["lr"],
+                     *hp["adam_betas"], hp["ewma_decay"], hp["ewma_center_of_mass_steps"], hp["adv_norm_span"])
+        if cfg.algorithm.proximal == "ewma":
+            log.info("EWMA proximal policy: decay %.6g, centre of mass %.3g optimizer steps",
+                     hp["ewma_decay"], hp["ewma_center_of_mass_steps"])
         evals = [self.evaluate(0)]
         log.info("eval before training: reward %.3f", evals[0]["eval/reward"])
         ray.get([w.run.remote() for w in self.workers])
@@ -143,11 +193,12 @@ class Run:
             batch = ray.get(self.service.get_batch.remote(cfg.trainer.batch_size))
             t_wait = time.perf_counter() - t0
             version = step - 1  # weights the batch is trained from
-            lags = [version - t.start_version for t in batch]
+            trained = [t for t in batch if not t.is_baseline]  # ReMax baselines are not trained on
+            lags = [version - t.start_version for t in trained]
             metrics = ray.get(self.trainer.train_step.remote(batch))
             pub = self.publish(step)
             step_s = time.perf_counter() - t0
-            tokens = sum(t.num_tokens for t in batch)
+            tokens = sum(t.num_tokens for t in trained)
             consumed_tokens += tokens
             stats = ray.get([w.get_stats.remote() for w in self.workers])
             gen_tokens = sum(s["generated_tokens"] for s in stats)
@@ -159,6 +210,8 @@ class Run:
                 "staleness/lag_max": max(lags), "staleness/dropped": acc["dropped_total"],
                 "rollout/tokens_per_s": (gen_tokens - gen_before) / step_s,
                 "rollout/interrupted": pub["interrupted"],
+                # responses whose tokens came from more than one policy version (interrupted by a publish)
+                "rollout/multi_version_frac": sum(len(set(t.versions)) > 1 for t in trained) / len(trained),
                 "reward/errors": sum(s["reward_errors"] for s in stats),
                 "time/step_s": step_s, "time/rollout_wait_s": t_wait, "time/weight_sync_s": pub["seconds"],
                 "weight_sync/bytes": pub["bytes"],
@@ -198,15 +251,23 @@ class Run:
 def run(cfg) -> dict:
     """Validate, connect, build, train, summarise. Raises ConfigError for bad input."""
     validate(cfg)
+    # actors may run in another working directory (or on another node): absolute paths only
+    cfg.task.path = resolve_data_path(cfg.task.path)
+    cfg.task.eval_path = resolve_data_path(cfg.task.eval_path)
+    try:
+        effective_hparams(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     build_task(cfg.task)  # a task that cannot be built is a config error, before any actor starts
     model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
     _connect_ray(cfg)
-    _check_resources(cfg)
+    layout = _layout(cfg)
+    _check_resources(cfg, layout)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    run_ = Run(cfg, model_dir)
+    run_ = Run(cfg, model_dir, layout)
     monitor = Monitor(cfg, output_dir, resolved)
     try:
         run_.setup()

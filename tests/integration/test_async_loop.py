@@ -12,14 +12,17 @@ def _rows(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("engine,eta", [("hf", 0), ("hf", 2)])
+@pytest.mark.parametrize("engine,eta", [("hf", 0), ("hf", 2), pytest.param("vllm", 2, marks=pytest.mark.vllm)])
 def test_loop_tiny(tmp_path, ray_local, tiny_model_dir, engine, eta):
     from trainer.loop import run
 
     cfg = compose([
         "model=tiny", f"rollout.engine={engine}", f"staleness.max_staleness={eta}",
         "trainer.max_steps=4", "trainer.batch_size=8", "trainer.group_size=4", "trainer.micro_batch_size=4",
-        "rollout.num_workers=2", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5", "rollout.max_new_tokens=8",
+        f"rollout.num_workers={1 if engine == 'vllm' else 2}", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
+        "rollout.kv_cache_gib=0.25",
+        # vLLM: long forced responses, so that publishes interrupt them mid-way
+        f"rollout.max_new_tokens={64 if engine == 'vllm' else 8}", "rewards.num_workers=1",
         "rollout.max_concurrent_groups=2", "task.num_eval=4", "eval.max_new_tokens=4",
         "weight_sync.verify=true", "logger.wandb.mode=disabled", "logger.progress=false", f"output_dir={tmp_path}",
     ])
@@ -39,3 +42,7 @@ def test_loop_tiny(tmp_path, ray_local, tiny_model_dir, engine, eta):
                 "time/weight_sync_s", "perf/consumed_tokens_per_s", "memory/max_allocated_gib"):
         assert key in rows[0], key
     assert (tmp_path / "reward_staleness.png").stat().st_size > 0
+    if engine == "vllm" and eta > 0:
+        # interruptible generation: some responses carry tokens of two policy versions
+        assert sum(r["rollout/interrupted"] for r in rows) > 0
+        assert any(r["rollout/multi_version_frac"] > 0 for r in rows)

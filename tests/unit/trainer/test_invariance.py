@@ -119,7 +119,7 @@ def test_ewma_params_closed_form_and_constant_input():
 def test_ewma_params_on_a_module_state_and_copy_to():
     model = torch.nn.Linear(3, 2)
     ema = EWMAParams(model.parameters(), beta=0.8)
-    assert [r.shape for r in ema.state_dict()["raw"]] == [p.shape for p in model.parameters()]  # one copy
+    assert [r.shape for r in ema.state_dict()["avg"]] == [p.shape for p in model.parameters()]  # one copy
     ema.update(model.parameters())
     with torch.no_grad():
         for p in model.parameters():
