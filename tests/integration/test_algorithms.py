@@ -1,9 +1,9 @@
 """Algorithm options end to end on real Ray with the tiny model: ReMax baselines, the EWMA proximal
 policy, a KL term, and batch-size invariance (derived hyper-parameters are used and logged)."""
 
-import asyncio
 import json
 import logging
+import time
 
 import pytest
 import ray
@@ -22,7 +22,7 @@ class _OneTicketService:
 
     async def acquire(self, n):
         if self.handed:
-            await asyncio.sleep(3600)  # no more admissions: the test stops the worker
+            return None  # no more admissions: the worker's loop ends
         self.handed = True
         return {"seq": 0, "prompt_index": 3, "version": 0}
 
@@ -50,11 +50,9 @@ def test_remax_baseline_is_greedy_and_same_version(tmp_path, ray_local, tiny_mod
     worker = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(0, cfg, tiny_model_dir, service)
     ray.get(worker.start.remote())
     ray.get(worker.run.remote())
-    for _ in range(300):
-        groups = ray.get(service.get.remote())
-        if groups:
-            break
-        ray.get(worker.get_version.remote())
+    deadline = time.monotonic() + 120
+    while not (groups := ray.get(service.get.remote())) and time.monotonic() < deadline:
+        time.sleep(0.2)
     ray.get(worker.stop.remote())
     (group,) = groups
     samples = [t for t in group if not t.is_baseline]
