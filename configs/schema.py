@@ -218,7 +218,8 @@ def validate(cfg) -> None:
     _check(r.kv_cache_gib is None or r.kv_cache_gib > 0, "rollout.kv_cache_gib", r.kv_cache_gib,
            "must be > 0, or null to size the cache from rollout.gpu_memory_utilization")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", r.tensor_parallel_size, "must be >= 1")
-    _check(r.num_cpus >= 0 and r.num_gpus >= 0, "rollout.num_cpus/num_gpus", (r.num_cpus, r.num_gpus), "must be >= 0")
+    _check(r.num_cpus > 0 and r.num_gpus >= 0, "rollout.num_cpus/num_gpus", (r.num_cpus, r.num_gpus),
+           "must be > 0 CPUs and >= 0 GPUs per rollout worker")
     _check(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
 
     _check(cfg.staleness.max_staleness >= 0, "staleness.max_staleness", cfg.staleness.max_staleness,
@@ -231,6 +232,8 @@ def validate(cfg) -> None:
     _check(t.batch_size >= 1 and t.batch_size % t.group_size == 0, "trainer.batch_size", t.batch_size,
            f"must be a positive multiple of trainer.group_size={t.group_size}")
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
+    _check(t.num_cpus > 0 and t.num_gpus >= 0, "trainer.num_cpus/num_gpus", (t.num_cpus, t.num_gpus),
+           "must be > 0 CPUs and >= 0 GPUs")
     _check(t.lr > 0, "trainer.lr", t.lr, "must be > 0")
     _check(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
     _check(t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import ray
 from omegaconf import OmegaConf
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from configs.schema import ConfigError, validate
 from rewards.tasks import build_task, resolve_data_path
@@ -88,28 +90,48 @@ def _check_resources(cfg, layout: dict) -> None:
         )
 
 
+def _reserve(num_cpus: float, num_gpus: float, who: str, timeout_s: float = 120.0):
+    bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+    pg = placement_group([bundle], strategy="STRICT_PACK")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise ConfigError(f"the Ray cluster could not place the {who} ({bundle}) within {timeout_s:g} s: no node has "
+                          f"that much free at once; lower its num_cpus/num_gpus or add nodes") from None
+    return pg
+
+
 class Run:
     def __init__(self, cfg, model_dir: str, layout: dict) -> None:
         self.cfg = cfg
         self.model_dir = model_dir
         self.layout = layout
         self.verified_publishes = 0
-        self.num_eval = len(build_task(cfg.task).eval)
+        task = build_task(cfg.task)
+        self.num_eval = len(task.eval)
         self.output_dir = Path(cfg.output_dir)
         r = cfg.rollout
         self.service = ray.remote(StalenessService).options(num_cpus=0).remote(
             cfg.trainer.batch_size, cfg.staleness.max_staleness, cfg.staleness.max_running,
-            cfg.task.num_train, cfg.seed,
+            len(task.train), cfg.seed,
         )
+        # one placement group per actor: an engine's GPUs (its tensor-parallel group) and CPUs are
+        # reserved together on one node, and an unsatisfiable request fails here, before any work
+        trainer_pg = _reserve(cfg.trainer.num_cpus, layout["trainer_gpus"], "trainer")
+        worker_pgs = [_reserve(r.num_cpus, layout["rollout_gpus"], f"rollout worker {i}") for i in range(r.num_workers)]
+        self.placement_groups = [trainer_pg, *worker_pgs]
         self.trainer = ray.remote(TrainerWorker).options(
-            num_cpus=cfg.trainer.num_cpus, num_gpus=layout["trainer_gpus"]
+            num_cpus=cfg.trainer.num_cpus, num_gpus=layout["trainer_gpus"],
+            scheduling_strategy=PlacementGroupSchedulingStrategy(trainer_pg, placement_group_bundle_index=0),
         ).remote(cfg, self.model_dir)
         self.workers = [
             ray.remote(RolloutWorker).options(
                 num_cpus=r.num_cpus, num_gpus=layout["rollout_gpus"], max_concurrency=10_000,
                 max_restarts=r.max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
             ).remote(i, cfg, self.model_dir, self.service)
-            for i in range(r.num_workers)
+            for i, pg in enumerate(worker_pgs)
         ]
 
     def setup(self) -> None:
@@ -246,6 +268,10 @@ class Run:
                 ray.get(w.close.remote(), timeout=60)
             except Exception:  # a dead worker has nothing left to close
                 log.debug("worker close failed", exc_info=True)
+        for actor in [*self.workers, self.trainer, self.service]:
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
 
 
 def run(cfg) -> dict:
