@@ -107,6 +107,16 @@ def prepare_bundled(cache_dir: str | None = None) -> Path:
         return _finish(tmp, final)
 
 
+def _save_random(model, tokenizer, final: Path) -> Path:
+    """Save a freshly initialised model with its tokenizer, atomically, as `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as work:
+        tmp = Path(work) / "out"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return _finish(tmp, final)
+
+
 def prepare_tiny(cache_dir: str | None = None) -> Path:
     """A small random Llama (2 layers, hidden 128) with the bundled tokenizer, seeded (cached)."""
     import torch
@@ -131,13 +141,7 @@ def prepare_tiny(cache_dir: str | None = None) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent) as work:
-        tmp = Path(work) / "out"
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        return _finish(tmp, final)
+    return _save_random(LlamaForCausalLM(config).to(torch.float32), tokenizer, final)
 
 
 def prepare_random_1p5b(cache_dir: str | None = None, tokenizer_dir: str | None = None) -> Path:
@@ -158,13 +162,7 @@ def prepare_random_1p5b(cache_dir: str | None = None, tokenizer_dir: str | None 
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent) as work:
-        tmp = Path(work) / "out"
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        return _finish(tmp, final)
+    return _save_random(Qwen2ForCausalLM(config).to(torch.bfloat16), tokenizer, final)
 
 
 def resolve_model_dir(name: str, path: str | None, cache_dir: str | None = None) -> Path:

@@ -245,6 +245,10 @@ class Run:
                 evals.append(self.evaluate(step))
                 row["eval/reward"] = evals[-1]["eval/reward"]
             monitor.log(row)
+            if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
+                monitor.samples(step, [{"prompt_index": t.prompt_index, "response": t.info.get("text", ""),
+                                        "reward": t.reward, "versions": f"{min(t.versions, default=step - 1)}"
+                                        f"-{max(t.versions, default=step - 1)}"} for t in trained[:8]])
         train_time = time.perf_counter() - t_start
         ray.get(self.service.stop.remote())
         ray.get([w.stop.remote() for w in self.workers])

@@ -57,6 +57,18 @@ class Monitor:
             self.bar.set_postfix(reward=f"{row.get('reward/mean', 0):.2f}", lag=row.get("staleness/lag_max", 0),
                                  tok_s=f"{row.get('perf/consumed_tokens_per_s', 0):.0f}")
 
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """A table of sample completions: `samples.jsonl` and a wandb Table."""
+        with open(self.output_dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            columns = list(rows[0]) if rows else ["prompt", "response", "reward"]
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            self.wandb.log({"step": step, "rollout/samples": table})
+
     def summary(self, values: dict) -> None:
         (self.output_dir / "summary.json").write_text(json.dumps(values, indent=1))
         if self.wandb is not None:

@@ -59,7 +59,7 @@ def test_unknown_key_and_missing_model_path_fail_fast(tmp_path):
 
 def test_multirun_sweep_writes_one_directory_per_run(tmp_path, tiny_model_dir):
     sweep = tmp_path / "sweep"
-    out = _train(["-m", *TINY, "staleness.max_staleness=0,1", "logger.wandb.mode=offline",
+    out = _train(["-m", *TINY, "staleness.max_staleness=0,1", "logger.wandb.mode=offline", "logger.sample_every=1",
                   f"hydra.sweep.dir={sweep}"], cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
@@ -68,6 +68,8 @@ def test_multirun_sweep_writes_one_directory_per_run(tmp_path, tiny_model_dir):
         assert f"max_staleness: {eta}" in (run / "config.yaml").read_text()
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
+        samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+        assert {s["step"] for s in samples} == {1, 2} and all("response" in s for s in samples)
         # wandb offline: the run file holds the summary values (protobuf records: each key is followed
         # by its JSON value), the same as summary.json
         (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
@@ -98,12 +100,16 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
                    check=True, env=env, capture_output=True, timeout=120)
     try:
         out_dir = tmp_path / "job_out"
-        job = subprocess.run(
-            [ray_bin, "job", "submit", "--address", "http://127.0.0.1:28265", "--working-dir", str(REPO),
-             "--runtime-env-json", json.dumps({"excludes": [".venv", ".cache", "outputs", ".git"],
-                                                "env_vars": {"TETHER_CACHE": env["TETHER_CACHE"]}}),
-             "--", "python", "scripts/train.py", *TINY, "logger.wandb.mode=disabled", f"output_dir={out_dir}"],
-            env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(12):  # the head's job agent can take a few seconds longer than `ray start`
+            job = subprocess.run(
+                [ray_bin, "job", "submit", "--address", "http://127.0.0.1:28265", "--working-dir", str(REPO),
+                 "--runtime-env-json", json.dumps({"excludes": [".venv", ".cache", "outputs", ".git"],
+                                                    "env_vars": {"TETHER_CACHE": env["TETHER_CACHE"]}}),
+                 "--", "python", "scripts/train.py", *TINY, "logger.wandb.mode=disabled", f"output_dir={out_dir}"],
+                env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()  # "Job ... succeeded"
         rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
