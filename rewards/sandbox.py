@@ -441,7 +441,7 @@ def _lock_down(spec: dict) -> dict:
         warnings.append("not root: no private uid, so cleanup is by process group only")
     _libc_call("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
     return {"network_isolated": net, "private_uid": as_root, "process_cap_exact": exact,
-            "private_tmp": workdir == "/tmp/work",
+            "private_tmp": workdir == "/tmp/job",
             "uid": uid, "workdir": workdir, "warnings": warnings}
 
 
@@ -474,7 +474,7 @@ def _try_unshare(flag: int, name: str, warnings: list[str]) -> bool:
 
 
 def _private_tmp(disk_mb: int, uid: int, gid: int, code: bytes, warnings: list[str]) -> str | None:
-    """Mount one tmpfs of disk_mb on /tmp (bound on /var/tmp and /dev/shm); the code runs in /tmp/work."""
+    """Mount one tmpfs of disk_mb on /tmp (bound on /var/tmp and /dev/shm); the code runs in /tmp/job."""
     try:
         _libc_call("mount", b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)  # nothing propagates to the host
         _libc_call("mount", b"tmpfs", b"/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, f"size={disk_mb}m,mode=1777".encode())
@@ -487,13 +487,13 @@ def _private_tmp(disk_mb: int, uid: int, gid: int, code: bytes, warnings: list[s
                 _libc_call("mount", b"/tmp", path.encode(), None, _MS_BIND, None)
             except OSError as e:
                 warnings.append(f"{path} not covered by the private tmpfs ({e.strerror})")
-    os.mkdir("/tmp/work", 0o700)
-    with open("/tmp/work/main.py", "wb") as f:
+    os.mkdir("/tmp/job", 0o700)
+    with open("/tmp/job/main.py", "wb") as f:
         f.write(code)
     if os.geteuid() == 0 and uid != 0:
-        os.chown("/tmp/work", uid, gid)
-        os.chown("/tmp/work/main.py", uid, gid)
-    return "/tmp/work"
+        os.chown("/tmp/job", uid, gid)
+        os.chown("/tmp/job/main.py", uid, gid)
+    return "/tmp/job"
 
 
 def _fork_watchdog(after_s: float, uid: int | None) -> None:
