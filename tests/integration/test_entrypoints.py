@@ -4,6 +4,7 @@ against a local head, wandb offline runs, scripts/plot.py on a finished run."""
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,12 @@ def _env(**extra):
     env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
                 "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra})
     return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _kill_processes_mentioning(marker: str) -> None:
@@ -94,8 +101,12 @@ def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
                RAY_AUTH_TOKEN=secrets.token_hex(16))
     port = 26379
     temp_dir = f"/tmp/tether-rj{os.getpid()}"  # short: Ray's socket paths must stay under ~107 characters
+    # ports of its own: another Ray (the suite's local instance) may hold the default agent ports
+    agent, grpc, metrics, runtime_env = (_free_port() for _ in range(4))
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     "--dashboard-host=127.0.0.1", "--dashboard-port=28265", "--num-cpus=2", "--disable-usage-stats",
+                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+                    f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                     f"--temp-dir={temp_dir}"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
