@@ -103,12 +103,11 @@ def _reserve(num_cpus: float, num_gpus: float, who: str, timeout_s: float = 120.
 
 
 class Run:
-    def __init__(self, cfg, model_dir: str, layout: dict) -> None:
+    def __init__(self, cfg, model_dir: str, layout: dict, task) -> None:
         self.cfg = cfg
         self.model_dir = model_dir
         self.layout = layout
         self.verified_publishes = 0
-        task = build_task(cfg.task)
         self.num_eval = len(task.eval)
         self.output_dir = Path(cfg.output_dir)
         r = cfg.rollout
@@ -288,7 +287,7 @@ def run(cfg) -> dict:
         effective_hparams(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    build_task(cfg.task)  # a task that cannot be built is a config error, before any actor starts
+    task = build_task(cfg.task)  # a task that cannot be built is a config error, before any actor starts
     model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
     _connect_ray(cfg)
     layout = _layout(cfg)
@@ -297,7 +296,7 @@ def run(cfg) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    run_ = Run(cfg, model_dir, layout)
+    run_ = Run(cfg, model_dir, layout, task)
     monitor = Monitor(cfg, output_dir, resolved)
     try:
         run_.setup()

@@ -85,13 +85,17 @@ class TrainerWorker:
         return metas_of((n, p.detach().to(self.sync_dtype) if p.dtype != self.sync_dtype else p)
                         for n, p in self.model.named_parameters())
 
+    def _sync_tensors(self):
+        """Every parameter in the engine dtype, with the metadata the receivers need."""
+        named = list(self.model.named_parameters())
+        tensors = [p.detach().to(self.sync_dtype) for _, p in named]
+        return tensors, metas_of(zip([n for n, _ in named], tensors))
+
     def publish(self) -> dict:
         """Broadcast every parameter to the engines; returns bytes moved and seconds."""
         t0 = time.perf_counter()
-        named = list(self.model.named_parameters())
-        tensors = [p.detach().to(self.sync_dtype) for _, p in named]
-        sent = broadcast_send(self.group, tensors, metas_of(zip([n for n, _ in named], tensors)),
-                              self.cfg.weight_sync.bucket_mb << 20)
+        tensors, metas = self._sync_tensors()
+        sent = broadcast_send(self.group, tensors, metas, self.cfg.weight_sync.bucket_mb << 20)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return {"bytes": sent, "seconds": time.perf_counter() - t0}
@@ -100,10 +104,8 @@ class TrainerWorker:
         """Colocated: pack the weights into CUDA buffers and return their IPC handles. The buffers
         stay alive (one extra copy of the weights in the engine dtype) until `release_ipc`."""
         t0 = time.perf_counter()
-        named = list(self.model.named_parameters())
-        tensors = [p.detach().to(self.sync_dtype) for _, p in named]
-        self._ipc_buffers, handles = ipc_pack(tensors, metas_of(zip([n for n, _ in named], tensors)),
-                                              self.cfg.weight_sync.bucket_mb << 20)
+        tensors, metas = self._sync_tensors()
+        self._ipc_buffers, handles = ipc_pack(tensors, metas, self.cfg.weight_sync.bucket_mb << 20)
         torch.cuda.synchronize()  # the buffers must be written before another process reads them
         return {"handles": handles, "bytes": sum(b.numel() for b in self._ipc_buffers), "pack_s": time.perf_counter() - t0}
 
