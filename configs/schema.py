@@ -17,11 +17,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning; > 0 trains PEFT LoRA adapters of this rank only (engines get merged weights)
+    alpha: float = 16.0  # scaling alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # smollm2-135m (bundled) | tiny (random, tests) | random-1.5b (benchmarks) | hf (use `path`)
     path: Optional[str] = None  # a Hugging Face model directory; required when name=hf
     dtype: str = "float32"  # float32 on CPU; bfloat16 on GPU
     trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -76,9 +85,13 @@ class TrainerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 8  # trajectories per forward/backward; does not change the gradient
-    num_workers: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_workers: int = 1  # trainer actors in one torch.distributed group (NCCL on GPU, gloo on CPU)
+    fsdp: Optional[bool] = None  # shard with FSDP2 (fully_shard); unset = when num_workers > 1
+    lr_warmup_steps: int = 0  # linear warm-up of the learning rate over this many steps
+    max_skipped_steps: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
+    inject_nan_steps: list[int] = field(default_factory=list)  # fault-injection hook: NaN loss at these steps (tests only)
+    num_cpus: float = 1.0  # per trainer worker
+    num_gpus: float = 0.0  # per trainer worker
     torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset = Ray's share (trainer.num_cpus)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -121,6 +134,14 @@ class WeightSyncConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 20  # 0 = only at the end; each holds weights (LoRA: adapters), optimizer, data cursor, RNG
+    keep_last: int = 1  # older checkpoints are deleted
+    resume: str = "auto"  # auto = continue the latest complete checkpoint in output_dir | never | <checkpoint dir>
+    export_hf: bool = True  # write the final policy as a Hugging Face directory in <output_dir>/hf
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 0  # 0 = only before and after training
     max_new_tokens: int = 32
@@ -159,6 +180,7 @@ class TetherConfig:
     batch_invariance: BatchInvarianceConfig = field(default_factory=BatchInvarianceConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -189,6 +211,12 @@ def validate(cfg) -> None:
     _check(cfg.model.name != "hf" or bool(cfg.model.path), "model.path", cfg.model.path,
            "must name a Hugging Face model directory when model.name=hf")
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    lc = cfg.model.lora
+    _check(lc.rank >= 0, "model.lora.rank", lc.rank, "must be >= 0 (0 = full fine-tuning)")
+    _check(lc.alpha > 0, "model.lora.alpha", lc.alpha, "must be > 0")
+    _check(0 <= lc.dropout < 1, "model.lora.dropout", lc.dropout, "must be in [0, 1)")
+    _check(lc.rank == 0 or len(lc.target_modules) > 0, "model.lora.target_modules", list(lc.target_modules),
+           "must name at least one module, e.g. [q_proj,v_proj]")
 
     _choice("task.name", cfg.task.name, ("arithmetic", "jsonl", "gsm8k", "python_exec"))
     _check(cfg.task.name in ("arithmetic", "python_exec") or bool(cfg.task.path), "task.path", cfg.task.path,
@@ -239,8 +267,13 @@ def validate(cfg) -> None:
     _check(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
     _check(t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0")
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
-    _check(t.num_workers == 1, "trainer.num_workers", t.num_workers,
-           "must be 1 for now: multi-worker (FSDP2) training is not available yet")
+    _check(t.num_workers >= 1, "trainer.num_workers", t.num_workers, "must be >= 1")
+    _check(t.num_workers == 1 or t.fsdp is not False, "trainer.fsdp", t.fsdp,
+           f"must be true (or unset) with trainer.num_workers={t.num_workers}: several workers shard with FSDP2")
+    _check(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", t.lr_warmup_steps, "must be >= 0")
+    _check(t.max_skipped_steps >= 1, "trainer.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
+    _check(all(s >= 1 for s in t.inject_nan_steps), "trainer.inject_nan_steps", list(t.inject_nan_steps),
+           "must list steps >= 1 (it is a fault-injection hook for tests; leave it empty)")
     _check(t.torch_threads is None or t.torch_threads >= 1, "trainer.torch_threads", t.torch_threads, "must be >= 1")
 
     a = cfg.algorithm
@@ -267,6 +300,10 @@ def validate(cfg) -> None:
     _choice("weight_sync.backend", cfg.weight_sync.backend, ("auto", "gloo", "nccl", "ipc"))
     _check(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", cfg.weight_sync.bucket_mb, "must be >= 1")
     _check(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s", cfg.weight_sync.timeout_s, "must be > 0")
+    ck = cfg.checkpoint
+    _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, "must be >= 0 (0 = only at the end)")
+    _check(ck.keep_last >= 1, "checkpoint.keep_last", ck.keep_last, "must be >= 1")
+    _check(bool(ck.resume), "checkpoint.resume", ck.resume, "must be auto, never or a checkpoint directory")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "must be >= 0 (0 = start and end only)")
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, (None, "online", "offline", "disabled"))
     _check(cfg.logger.sample_every >= 0, "logger.sample_every", cfg.logger.sample_every, "must be >= 0 (0 = never)")

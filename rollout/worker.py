@@ -221,11 +221,11 @@ class RolloutWorker:
             try:
                 group = await self._rollout_group(ticket)
             except _Shutdown:
-                await self.service.drop.remote(g, "shutdown")
+                await self.service.drop.remote(g, "shutdown", ticket["seq"])
                 return
             except Exception:
                 log.exception("rollout group %s failed; its %d rollouts are dropped", ticket["seq"], g)
-                await self.service.drop.remote(g, "error")
+                await self.service.drop.remote(g, "error", ticket["seq"])
                 continue
             await self.service.put.remote(group)
 

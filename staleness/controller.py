@@ -111,5 +111,15 @@ class StalenessController:
         }
 
     def state_dict(self) -> dict:
-        return {"version": self.version, "admitted": self.admitted, "consumed": self.consumed,
+        return {"version": self.version, "admitted": self.admitted, "running": self.running,
+                "accepted": self.accepted, "consumed": self.consumed, "buffered": self.buffered,
                 "dropped": dict(self.dropped), "lag_seen_max": self.lag_seen_max}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint. Rollouts running or buffered at the checkpoint died with the
+        old run and were never trained on: they are un-admitted (the caller re-issues their prompts)."""
+        self.version, self.consumed, self.lag_seen_max = state["version"], state["consumed"], state["lag_seen_max"]
+        self.dropped = Counter(state["dropped"])
+        self.admitted = state["admitted"] - state["running"] - state["buffered"]
+        self.accepted = state["accepted"] - state["buffered"]
+        self.running = self.buffered = 0

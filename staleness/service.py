@@ -5,6 +5,11 @@ rule of `StalenessController` says no) and `put` the finished group; the driver 
 `get_batch` for the next training batch and `pause`/`set_version`/`resume` around a
 publish. The data cursor lives here too, so prompts are consumed in one seeded order
 whatever the number of workers.
+
+`snapshot()` (taken while admission is paused) and `restore()` carry the cursor and the
+counters through a checkpoint. Groups admitted but not yet consumed at the snapshot are not in
+the checkpoint's trainer state, so a restore un-admits them and hands their prompts out again
+first: nothing is lost and nothing is trained on twice.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ class StalenessService:
         self.ctl = StalenessController(batch_size, max_staleness, max_running)
         self.num_prompts = num_prompts
         self.seed = seed
-        self.cursor = 0  # prompts handed out so far, over all epochs
+        self.cursor = 0  # prompts drawn from the shuffled order so far, over all epochs
+        self.next_seq = 0  # ticket number of the next admitted group (its id and sampling seed)
+        self._outstanding: dict[int, int] = {}  # seq -> prompt index of groups admitted, not yet consumed/dropped
+        self._requeued: list[int] = []  # prompts of groups un-admitted by a restore, handed out first
+        self.requeued_total = 0
         self._order: list[int] = []
         self._buffer: list[list[Trajectory]] = []  # finished groups, oldest first
         self._consumed_ids: set[str] = set()
@@ -58,8 +67,10 @@ class StalenessService:
             if self._stopped:
                 return None
             self.ctl.admit(n)
-            seq = self.cursor
-            return {"seq": seq, "prompt_index": self._next_prompt(), "version": self.ctl.version}
+            seq, self.next_seq = self.next_seq, self.next_seq + 1
+            prompt = self._requeued.pop(0) if self._requeued else self._next_prompt()
+            self._outstanding[seq] = prompt
+            return {"seq": seq, "prompt_index": prompt, "version": self.ctl.version}
 
     async def put(self, group: list[Trajectory]) -> None:
         """A finished group. A ReMax baseline response rides along with its group but is not one of
@@ -70,9 +81,10 @@ class StalenessService:
             self._buffer.append(group)
             cond.notify_all()
 
-    async def drop(self, n: int, reason: str) -> None:
+    async def drop(self, n: int, reason: str, seq: int) -> None:
         cond = self._condition()
         async with cond:
+            self._outstanding.pop(seq, None)
             self.ctl.drop_running(n, reason)
             cond.notify_all()
 
@@ -88,6 +100,7 @@ class StalenessService:
                 if not self._buffer:
                     raise RuntimeError(f"the staleness service stopped with {len(batch)} of {n} trajectories batched")
                 group = self._buffer.pop(0)
+                self._outstanding.pop(int(group[0].group_id), None)
                 if self.ctl.version - group[0].start_version > self.ctl.max_staleness:
                     self.ctl.drop_buffered(_trained(group), "stale")
                     log.warning("dropped stale group %s (started at version %d, now %d)",
@@ -127,7 +140,24 @@ class StalenessService:
     async def accounting(self) -> dict:
         acc = self.ctl.accounting()
         acc["prompts_handed_out"] = self.cursor
+        acc["requeued_on_resume"] = self.requeued_total
         return acc
+
+    async def snapshot(self) -> dict:
+        """Cursor and counters for a checkpoint (JSON-able). Call while admission is paused."""
+        return {"cursor": self.cursor, "next_seq": self.next_seq, "controller": self.ctl.state_dict(),
+                "outstanding": [self._outstanding[s] for s in sorted(self._outstanding)],
+                "requeued": list(self._requeued), "requeued_total": self.requeued_total}
+
+    async def restore(self, snap: dict) -> None:
+        """Continue from a snapshot. Its running and buffered groups died with the old run: they are
+        un-admitted and their prompts are handed out again, oldest first, before new ones."""
+        self.cursor, self.next_seq = snap["cursor"], snap["next_seq"]
+        self._order = []  # the next draw rebuilds the seeded order of the cursor's epoch
+        self.ctl.load_state_dict(snap["controller"])
+        self._requeued = list(snap["requeued"]) + list(snap["outstanding"])
+        self.requeued_total = snap["requeued_total"] + len(snap["outstanding"])
+        self._outstanding = {}
 
     async def state(self) -> dict:
         return {"version": self.ctl.version, "admitted": self.ctl.admitted, "running": self.ctl.running,

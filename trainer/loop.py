@@ -25,11 +25,16 @@ from rewards.tasks import build_task, resolve_data_path
 from rollout.models import resolve_model_dir
 from rollout.worker import RolloutWorker
 from staleness.service import StalenessService
+from trainer import checkpoint
 from trainer.invariance import effective_hparams
 from trainer.monitor import Monitor, plot_run
 from trainer.worker import TrainerWorker
 
 log = logging.getLogger("tether")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; a checkpoint of the last finite weights was written."""
 
 
 def _connect_ray(cfg) -> None:
@@ -90,9 +95,10 @@ def _check_resources(cfg, layout: dict) -> None:
         )
 
 
-def _reserve(num_cpus: float, num_gpus: float, who: str, timeout_s: float = 120.0):
+def _reserve(num_cpus: float, num_gpus: float, who: str, timeout_s: float = 120.0, count: int = 1):
+    """One placement group of `count` bundles (one per actor), packed onto as few nodes as possible."""
     bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-    pg = placement_group([bundle], strategy="STRICT_PACK")
+    pg = placement_group([bundle] * count, strategy="STRICT_PACK" if count == 1 else "PACK")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -117,13 +123,18 @@ class Run:
         )
         # one placement group per actor: an engine's GPUs (its tensor-parallel group) and CPUs are
         # reserved together on one node, and an unsatisfiable request fails here, before any work
-        trainer_pg = _reserve(cfg.trainer.num_cpus, layout["trainer_gpus"], "trainer")
+        t = cfg.trainer
+        trainer_pg = _reserve(t.num_cpus, layout["trainer_gpus"], f"{t.num_workers} trainer worker(s)", count=t.num_workers)
         worker_pgs = [_reserve(r.num_cpus, layout["rollout_gpus"], f"rollout worker {i}") for i in range(r.num_workers)]
         self.placement_groups = [trainer_pg, *worker_pgs]
-        self.trainer = ray.remote(TrainerWorker).options(
-            num_cpus=cfg.trainer.num_cpus, num_gpus=layout["trainer_gpus"],
-            scheduling_strategy=PlacementGroupSchedulingStrategy(trainer_pg, placement_group_bundle_index=0),
-        ).remote(cfg, self.model_dir)
+        self.trainers = [
+            ray.remote(TrainerWorker).options(
+                num_cpus=t.num_cpus, num_gpus=layout["trainer_gpus"],
+                scheduling_strategy=PlacementGroupSchedulingStrategy(trainer_pg, placement_group_bundle_index=k),
+            ).remote(cfg, self.model_dir, k, t.num_workers)
+            for k in range(t.num_workers)
+        ]
+        self.trainer = self.trainers[0]  # rank 0: weight-sync root, writes checkpoints
         self.workers = [
             ray.remote(RolloutWorker).options(
                 num_cpus=r.num_cpus, num_gpus=layout["rollout_gpus"], max_concurrency=10_000,
@@ -132,10 +143,23 @@ class Run:
             ).remote(i, cfg, self.model_dir, self.service)
             for i, pg in enumerate(worker_pgs)
         ]
+        self.start_step = 0
+        self.evals: list[dict] = []
+        self.consumed_tokens = 0
+        self.max_lag = 0
+        self.monitor: Monitor | None = None
+
+    def _all_trainers(self, method: str, *args):
+        """Call a method on every trainer rank (they take part in the same collectives); rank 0's result."""
+        return ray.get([getattr(t, method).remote(*args) for t in self.trainers])[0]
 
     def setup(self) -> None:
         cfg = self.cfg
         ray.get([w.start.remote() for w in self.workers])  # engines up (vLLM: tens of seconds)
+        if len(self.trainers) > 1 or cfg.trainer.fsdp:
+            host, port = ray.get(self.trainer.sync_address.remote())
+            backend = "nccl" if self.layout["trainer_gpus"] > 0 else "gloo"
+            self._all_trainers("init_group", host, port, backend)
         self.metas = ray.get(self.trainer.param_metas.remote())
         backend = self.layout["backend"]
         if backend == "ipc":
@@ -149,38 +173,72 @@ class Run:
                 + [w.init_weight_sync.remote(host, port, 1 + tp * i, world, backend, timeout)
                    for i, w in enumerate(self.workers)])
 
-    def publish(self, version: int) -> dict:
-        """Pause admission -> abort/await in-flight -> broadcast -> version -> resume."""
+    def publish(self, version: int, save: bool = False) -> dict:
+        """Pause admission -> abort/await in-flight -> broadcast -> version -> [checkpoint] -> resume."""
         ray.get(self.service.pause.remote())
         interrupted = sum(ray.get([w.begin_publish.remote() for w in self.workers]))
         bucket = self.cfg.weight_sync.bucket_mb << 20
         if self.layout["backend"] == "ipc":
             t0 = time.perf_counter()
-            packed = ray.get(self.trainer.publish_ipc.remote())
+            packed = self._all_trainers("publish_ipc")
             # ray.get blocks until every engine loaded from the trainer's buffers; then they are freed
             ray.get([w.receive_weights_ipc.remote(packed["handles"], self.metas, bucket, version) for w in self.workers])
             ray.get(self.trainer.release_ipc.remote())
             out = {"bytes": packed["bytes"], "seconds": time.perf_counter() - t0}
         else:
             # ray.get blocks until the trainer sent every bucket and every engine loaded it
-            out = ray.get([self.trainer.publish.remote()]
+            out = ray.get([t.publish.remote() for t in self.trainers]
                           + [w.receive_weights.remote(self.metas, bucket, version) for w in self.workers])[0]
         if self.cfg.weight_sync.verify:
             self.verify_weights(version)
         ray.get(self.service.set_version.remote(version))
+        if save:  # admission is paused: the data cursor and counters are consistent
+            self.save_checkpoint(version)
         ray.get([w.end_publish.remote() for w in self.workers])
         ray.get(self.service.resume.remote())
         return {"interrupted": interrupted, **out}
 
     def verify_weights(self, version: int) -> None:
         """Every engine must serve exactly the trainer's weights (bitwise, in the engine's dtype)."""
-        expected = ray.get(self.trainer.fingerprint.remote())
+        expected = self._all_trainers("fingerprint")
         got = ray.get([w.fingerprint.remote() for w in self.workers])
         bad = [i for i, f in enumerate(got) if f != expected]
         if bad:
             raise RuntimeError(f"after publishing version {version}, rollout workers {bad} hold weights whose "
                                f"fingerprint differs from the trainer's ({[got[i] for i in bad]} != {expected})")
         self.verified_publishes += 1
+
+    # ---- checkpoint, resume, export ---------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        t0 = time.perf_counter()
+        tmp = checkpoint.begin(self.output_dir, step)
+        self._all_trainers("save", str(tmp))
+        state = {"step": step, "service": ray.get(self.service.snapshot.remote()), "evals": self.evals,
+                 "consumed_tokens": self.consumed_tokens, "max_lag": self.max_lag,
+                 "wandb_run_id": self.monitor.run_id if self.monitor else None}
+        path = checkpoint.commit(tmp, step, state)
+        checkpoint.prune(self.output_dir, self.cfg.checkpoint.keep_last)
+        log.info("checkpoint after step %d: %s (%.1f s)", step, path, time.perf_counter() - t0)
+        return path
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint: trainer state on every rank, the data cursor and counters, then
+        the restored weights to every engine (version = the checkpoint's step) before any sample."""
+        state = checkpoint.driver_state(path)
+        steps = set(ray.get([t.load.remote(str(path)) for t in self.trainers]))
+        if steps != {state["step"]}:
+            raise RuntimeError(f"checkpoint {path}: trainer state is at step(s) {steps}, driver state at {state['step']}")
+        ray.get(self.service.restore.remote(state["service"]))
+        self.start_step, self.evals = state["step"], state["evals"]
+        self.consumed_tokens, self.max_lag = state["consumed_tokens"], state["max_lag"]
+        self.publish(self.start_step)
+        log.info("resumed from %s: next step %d", path, self.start_step + 1)
+
+    def export(self) -> Path:
+        out = self.output_dir / "hf"
+        self._all_trainers("export_hf", str(out), self.model_dir)
+        log.info("final policy exported to %s", out)
+        return out
 
     def evaluate(self, step: int) -> dict:
         n = self.num_eval
@@ -202,29 +260,34 @@ class Run:
         if cfg.algorithm.proximal == "ewma":
             log.info("EWMA proximal policy: decay %.6g, centre of mass %.3g optimizer steps",
                      hp["ewma_decay"], hp["ewma_center_of_mass_steps"])
-        evals = [self.evaluate(0)]
-        log.info("eval before training: reward %.3f", evals[0]["eval/reward"])
+        if not self.evals:
+            self.evals = [self.evaluate(0)]
+            log.info("eval before training: reward %.3f", self.evals[0]["eval/reward"])
         ray.get([w.run.remote() for w in self.workers])
         t_start = time.perf_counter()
-        consumed_tokens = 0
+        run_tokens = 0
         gen_before = 0
-        max_lag = 0
-        for step in range(1, cfg.trainer.max_steps + 1):
+        ck = cfg.checkpoint
+        for step in range(self.start_step + 1, cfg.trainer.max_steps + 1):
             t0 = time.perf_counter()
             batch = ray.get(self.service.get_batch.remote(cfg.trainer.batch_size))
             t_wait = time.perf_counter() - t0
             version = step - 1  # weights the batch is trained from
             trained = [t for t in batch if not t.is_baseline]  # ReMax baselines are not trained on
             lags = [version - t.start_version for t in trained]
-            metrics = ray.get(self.trainer.train_step.remote(batch))
-            pub = self.publish(step)
+            batch_ref = ray.put(batch)  # one copy in the object store, read by every trainer rank
+            metrics = self._all_trainers("train_step", batch_ref)
+            give_up = metrics["train/skipped_in_a_row"] >= cfg.trainer.max_skipped_steps
+            save = give_up or step == cfg.trainer.max_steps or bool(ck.every_steps and step % ck.every_steps == 0)
+            pub = self.publish(step, save=save)
             step_s = time.perf_counter() - t0
             tokens = sum(t.num_tokens for t in trained)
-            consumed_tokens += tokens
+            self.consumed_tokens += tokens
+            run_tokens += tokens
             stats = ray.get([w.get_stats.remote() for w in self.workers])
             gen_tokens = sum(s["generated_tokens"] for s in stats)
             acc = ray.get(self.service.accounting.remote())
-            max_lag = max(max_lag, max(lags))
+            self.max_lag = max(self.max_lag, max(lags))
             row = {
                 "step": step, "policy_version": step, **metrics,
                 "staleness/lag_mean": sum(lags) / len(lags), "staleness/lag_min": min(lags),
@@ -237,32 +300,43 @@ class Run:
                 "time/step_s": step_s, "time/rollout_wait_s": t_wait, "time/weight_sync_s": pub["seconds"],
                 "weight_sync/bytes": pub["bytes"],
                 "perf/consumed_tokens_per_s": tokens / step_s,
-                "perf/consumed_tokens_per_s_cumulative": consumed_tokens / (time.perf_counter() - t_start),
+                "perf/consumed_tokens_per_s_cumulative": run_tokens / (time.perf_counter() - t_start),
             }
             gen_before = gen_tokens
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.max_steps:
-                evals.append(self.evaluate(step))
-                row["eval/reward"] = evals[-1]["eval/reward"]
+                self.evals.append(self.evaluate(step))
+                row["eval/reward"] = self.evals[-1]["eval/reward"]
             monitor.log(row)
             if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
                 monitor.samples(step, [{"prompt_index": t.prompt_index, "response": t.info.get("text", ""),
                                         "reward": t.reward, "versions": f"{min(t.versions, default=step - 1)}"
                                         f"-{max(t.versions, default=step - 1)}"} for t in trained[:8]])
+            if give_up:
+                raise TrainingDiverged(
+                    f"{metrics['train/skipped_in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}); stopped after step {step}. The "
+                    f"checkpoint in {checkpoint.root(self.output_dir)} holds the last finite weights: lower "
+                    f"trainer.lr or raise trainer.grad_clip, then resume with checkpoint.resume=auto")
         train_time = time.perf_counter() - t_start
         ray.get(self.service.stop.remote())
         ray.get([w.stop.remote() for w in self.workers])
-        evals.append(self.evaluate(cfg.trainer.max_steps))
+        self.evals.append(self.evaluate(cfg.trainer.max_steps))
         accounting = ray.get(self.service.accounting.remote())
         (self.output_dir / "accounting.json").write_text(json.dumps(accounting, indent=1))
         if not accounting["identity_holds"]:
             raise RuntimeError(f"trajectory accounting does not add up: {accounting}")
-        (self.output_dir / "evals.json").write_text(json.dumps(evals, indent=1))
-        plot_run(monitor.rows, evals, self.output_dir / "reward_staleness.png")
+        (self.output_dir / "evals.json").write_text(json.dumps(self.evals, indent=1))
+        plot_run(monitor.rows, self.evals, self.output_dir / "reward_staleness.png")
+        exported = str(self.export()) if ck.export_hf else None
+        evals = self.evals
         return {
             "eval/reward_base": evals[0]["eval/reward"], "eval/reward_final": evals[-1]["eval/reward"],
             "eval/reward_best": max(e["eval/reward"] for e in evals), "steps": cfg.trainer.max_steps,
-            "perf/consumed_tokens_per_s": consumed_tokens / train_time, "staleness/lag_max_seen": max_lag,
+            "resumed_from_step": self.start_step,
+            "perf/consumed_tokens_per_s": run_tokens / train_time if run_tokens else 0.0,
+            "staleness/lag_max_seen": self.max_lag,
             "train_time_s": train_time, "accounting": accounting, "verified_publishes": self.verified_publishes,
+            "exported_to": exported,
         }
 
     def close(self) -> None:
@@ -271,7 +345,7 @@ class Run:
                 ray.get(w.close.remote(), timeout=60)
             except Exception:  # a dead worker has nothing left to close
                 log.debug("worker close failed", exc_info=True)
-        for actor in [*self.workers, self.trainer, self.service]:
+        for actor in [*self.workers, *self.trainers, self.service]:
             ray.kill(actor)
         for pg in self.placement_groups:
             remove_placement_group(pg)
@@ -289,6 +363,11 @@ def run(cfg) -> dict:
         raise ConfigError(str(e)) from None
     task = build_task(cfg.task)  # a task that cannot be built is a config error, before any actor starts
     model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
+    try:
+        resume_from = checkpoint.resolve(cfg.checkpoint.resume, cfg.output_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    resume = checkpoint.driver_state(resume_from) if resume_from else None
     _connect_ray(cfg)
     layout = _layout(cfg)
     _check_resources(cfg, layout)
@@ -297,9 +376,12 @@ def run(cfg) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     run_ = Run(cfg, model_dir, layout, task)
-    monitor = Monitor(cfg, output_dir, resolved)
+    monitor = Monitor(cfg, output_dir, resolved, resume=resume)
+    run_.monitor = monitor
     try:
         run_.setup()
+        if resume_from:
+            run_.restore(resume_from)
         summary = run_.train(monitor)
         monitor.summary({k: v for k, v in summary.items() if k != "accounting"})
         return summary

@@ -24,12 +24,18 @@ def _netrc() -> str:
 
 
 class Monitor:
-    def __init__(self, cfg, output_dir: Path, resolved_config: dict) -> None:
+    def __init__(self, cfg, output_dir: Path, resolved_config: dict, resume: dict | None = None) -> None:
+        """resume: {"step": N, "wandb_run_id": id} to continue a run from its checkpoint after step N:
+        metrics.jsonl keeps its rows up to step N (later ones are redone) and wandb continues the run."""
         self.output_dir = output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = output_dir / "metrics.jsonl"
-        self._file = open(self.metrics_path, "a")
         self.rows: list[dict] = []
+        if resume is not None and self.metrics_path.exists():
+            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r["step"] <= resume["step"]]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._file = open(self.metrics_path, "a")
         self.wandb = None
         mode = wandb_mode(cfg.logger.wandb.mode)
         if mode != "disabled":
@@ -38,13 +44,15 @@ class Monitor:
             self.wandb = wandb.init(
                 project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity, name=cfg.logger.wandb.name,
                 mode=mode, dir=str(output_dir), config=resolved_config,
+                id=resume["wandb_run_id"] if resume else None, resume="allow" if resume else None,
             )
             self.wandb.define_metric("*", step_metric="step")
         self.bar = None
         if cfg.logger.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.trainer.max_steps, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=cfg.trainer.max_steps, initial=resume["step"] if resume else 0, desc="train",
+                            unit="step", dynamic_ncols=True)
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
@@ -68,6 +76,10 @@ class Monitor:
             columns = list(rows[0]) if rows else ["prompt", "response", "reward"]
             table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
             self.wandb.log({"step": step, "rollout/samples": table})
+
+    @property
+    def run_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
 
     def summary(self, values: dict) -> None:
         (self.output_dir / "summary.json").write_text(json.dumps(values, indent=1))

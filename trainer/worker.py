@@ -9,26 +9,37 @@ One `train_step` is one optimizer step on one batch (DESIGN.md section 3):
 3. forward/backward per micro-batch, every micro-batch loss divided by the number of
    valid tokens in the whole batch, so micro-batching does not change the gradient;
 4. clip, step, and diagnostics summed over the whole step.
+
+With trainer.num_workers = N > 1 the N actors form one torch.distributed group and shard the
+model with FSDP2 (trainer/parallel.py); every rank gets the whole batch and trains on its share.
+Rank 0 gathers the full weights for a publish and writes checkpoints; every rank takes part in
+the gathers. With model.lora.rank > 0 only PEFT adapters are trained (trainer/lora.py) and the
+engines receive the merged weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import resource
+import shutil
 import socket
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rollout.trajectory import Trajectory
 from rollout.weight_sync import broadcast_send, fingerprint, ipc_pack, make_group, metas_of
+from trainer import lora, parallel
 from trainer.advantages import EWMANormalizer, group_advantages
 from trainer.invariance import EWMAParams, effective_hparams
 from trainer.losses import aggregate, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
+from trainer.parallel import full, local
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +53,61 @@ def _free_port() -> int:
 class TrainerWorker:
     """Ray actor: `ray.remote(TrainerWorker).options(...).remote(cfg, model_dir)`."""
 
-    def __init__(self, cfg, model_dir: str) -> None:
+    def __init__(self, cfg, model_dir: str, rank: int = 0, world_size: int = 1) -> None:
         logging.basicConfig(level=cfg.logger.log_level, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.fsdp = cfg.trainer.fsdp if cfg.trainer.fsdp is not None else world_size > 1
         torch.manual_seed(cfg.seed)
         if cfg.trainer.torch_threads:
             torch.set_num_threads(cfg.trainer.torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs not assigned
         # fp32 master weights; the engines get them cast to model.dtype at publish
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        self.model.config.use_cache = False
+        lc = cfg.model.lora
+        self.lora_scale: dict[str, float] | None = None
+        if lc.rank > 0:
+            self.model = lora.add_lora(self.model, lc.rank, lc.alpha, lc.target_modules, lc.dropout)
+            self.lora_scale = lora.scalings(self.model)
         self.model.train()
         self.sync_dtype = getattr(torch, cfg.model.dtype)
         self.hparams = effective_hparams(cfg)  # batch-size invariance derives these from the reference
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.hparams["lr"], betas=self.hparams["adam_betas"],
-            weight_decay=cfg.trainer.weight_decay,
-        )
-        alg = cfg.algorithm
-        # PPO-EWMA: one extra copy of the trained parameters, updated after every optimizer step
-        self.ewma = None
-        if alg.loss == "decoupled_ppo" and alg.proximal == "ewma":
-            self.ewma = EWMAParams(self.model.parameters(), self.hparams["ewma_decay"], dtype=torch.float32)
-            self.ewma.update(self.model.parameters())
-        # KL to the frozen initial policy: a second copy of the model, forward only
-        self.ref_model = None
-        if alg.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.adv_norm = EWMANormalizer(self.hparams["adv_norm_span"]) if self.hparams["adv_norm_span"] else None
         self.group = None
         self.steps = 0
+        self.skipped_in_a_row = 0
+        if not self.fsdp:
+            self._build()
+
+    def init_group(self, host: str, port: int, backend: str) -> None:
+        """Join the trainer group (all ranks at once), shard the model, build the optimizer."""
+        parallel.init_trainer_group(host, port, self.rank, self.world_size, backend, self.cfg.weight_sync.timeout_s)
+        if self.fsdp:
+            self._build()
+
+    def _build(self) -> None:
+        cfg, alg = self.cfg, self.cfg.algorithm
+        # KL to the frozen initial policy: with LoRA the base model with the adapters switched off,
+        # otherwise a second copy of the model, forward only (sharded like the policy)
+        self.ref_model = None
+        if alg.kl_coef > 0 and self.lora_scale is None:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.fsdp:
+                parallel.shard(self.ref_model)
+        if self.fsdp:
+            parallel.shard(self.model)
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.optimizer = torch.optim.AdamW(
+            self.trained, lr=self.hparams["lr"], betas=self.hparams["adam_betas"], weight_decay=cfg.trainer.weight_decay,
+        )
+        warmup = cfg.trainer.lr_warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        # PPO-EWMA: one extra copy of the trained parameters (this rank's shards), updated after every step
+        self.ewma = None
+        if alg.loss == "decoupled_ppo" and alg.proximal == "ewma":
+            self.ewma = EWMAParams([local(p) for p in self.trained], self.hparams["ewma_decay"], dtype=torch.float32)
+            self.ewma.update(local(p) for p in self.trained)
 
     # ---- weight sync (rank 0) ----------------------------------------------------------
     def sync_address(self) -> tuple[str, int]:
@@ -81,30 +118,46 @@ class TrainerWorker:
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
         self.group = make_group(backend, host, port, 0, world_size, timeout_s)
 
+    def _named_for_engine(self):
+        """(name, full fp32 tensor) of every weight the engines serve, under the base model's names:
+        with LoRA the adapters are folded into their layers. Every rank must iterate it (gathers)."""
+        named = ((n, full(p).detach()) for n, p in self.model.named_parameters())
+        return lora.merge(named, self.lora_scale) if self.lora_scale is not None else named
+
     def param_metas(self):
-        return metas_of((n, p.detach().to(self.sync_dtype) if p.dtype != self.sync_dtype else p)
-                        for n, p in self.model.named_parameters())
+        named = ((n, p) for n, p in self.model.named_parameters())  # global shapes: no gather needed
+        if self.lora_scale is not None:
+            named = ((lora.base_name(n), p) for n, p in named if not lora.is_adapter(n))
+        return metas_of((n, torch.empty(p.shape, dtype=self.sync_dtype, device="meta")) for n, p in named)
 
     def _sync_tensors(self):
-        """Every parameter in the engine dtype, with the metadata the receivers need."""
-        named = list(self.model.named_parameters())
-        tensors = [p.detach().to(self.sync_dtype) for _, p in named]
-        return tensors, metas_of(zip([n for n, _ in named], tensors))
+        """Every weight in the engine dtype, with the metadata the receivers need (rank 0; other
+        ranks take part in the gathers and get nothing)."""
+        names, tensors = [], []
+        for n, t in self._named_for_engine():
+            if self.rank == 0:
+                names.append(n)
+                tensors.append(t.to(self.sync_dtype))
+        return tensors, metas_of(zip(names, tensors))
 
-    def publish(self) -> dict:
-        """Broadcast every parameter to the engines; returns bytes moved and seconds."""
+    def publish(self) -> dict | None:
+        """Broadcast every weight to the engines (rank 0); returns bytes moved and seconds."""
         t0 = time.perf_counter()
         tensors, metas = self._sync_tensors()
+        if self.rank != 0:
+            return None
         sent = broadcast_send(self.group, tensors, metas, self.cfg.weight_sync.bucket_mb << 20)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return {"bytes": sent, "seconds": time.perf_counter() - t0}
 
-    def publish_ipc(self) -> dict:
+    def publish_ipc(self) -> dict | None:
         """Colocated: pack the weights into CUDA buffers and return their IPC handles. The buffers
         stay alive (one extra copy of the weights in the engine dtype) until `release_ipc`."""
         t0 = time.perf_counter()
         tensors, metas = self._sync_tensors()
+        if self.rank != 0:
+            return None
         self._ipc_buffers, handles = ipc_pack(tensors, metas, self.cfg.weight_sync.bucket_mb << 20)
         torch.cuda.synchronize()  # the buffers must be written before another process reads them
         return {"handles": handles, "bytes": sum(b.numel() for b in self._ipc_buffers), "pack_s": time.perf_counter() - t0}
@@ -112,42 +165,61 @@ class TrainerWorker:
     def release_ipc(self) -> None:
         self._ipc_buffers = []
 
-    def fingerprint(self) -> str:
-        return fingerprint((p for p in self.model.parameters()), self.sync_dtype)
+    def fingerprint(self) -> str | None:
+        named = self._named_for_engine()
+        if self.rank != 0:
+            for _ in named:  # take part in the gathers
+                pass
+            return None
+        return fingerprint((t for _, t in named), self.sync_dtype)
 
     # ---- training ----------------------------------------------------------------------
     def _batch_tensors(self, trajs: list[Trajectory]) -> dict[str, torch.Tensor]:
-        """Right-padded token ids, plus (B, T) indices of the positions predicting each response token."""
-        lengths = [t.num_tokens for t in trajs]
-        resp_len = max(len(t.response_ids) for t in trajs)
-        ids = torch.zeros(len(trajs), max(lengths), dtype=torch.long)  # (B, L)
+        """Prompts left-padded and responses right-padded, so every response starts in column P and
+        the logits predicting response tokens are the last T + 1 positions but one."""
+        P = max(len(t.prompt_ids) for t in trajs)
+        T = max(len(t.response_ids) for t in trajs)
+        ids = torch.zeros(len(trajs), P + T, dtype=torch.long)  # (B, P + T)
         attn = torch.zeros_like(ids)
-        pos = torch.zeros(len(trajs), resp_len, dtype=torch.long)  # (B, T)
-        targets = torch.zeros(len(trajs), resp_len, dtype=torch.long)  # (B, T)
-        mask = torch.zeros(len(trajs), resp_len)  # (B, T)
-        behav = torch.zeros(len(trajs), resp_len)  # (B, T)
+        targets = torch.zeros(len(trajs), T, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(trajs), T)  # (B, T)
+        behav = torch.zeros(len(trajs), T)  # (B, T)
         for b, t in enumerate(trajs):
-            seq = t.prompt_ids + t.response_ids
-            ids[b, : len(seq)] = torch.tensor(seq)
-            attn[b, : len(seq)] = 1
-            n, p = len(t.response_ids), len(t.prompt_ids)
-            pos[b, :n] = torch.arange(p - 1, p - 1 + n)  # logits at position j predict token j+1
+            p, n = len(t.prompt_ids), len(t.response_ids)
+            ids[b, P - p : P + n] = torch.tensor(t.prompt_ids + t.response_ids)
+            attn[b, P - p : P + n] = 1
             targets[b, :n] = torch.tensor(t.response_ids)
             mask[b, :n] = 1.0
             behav[b, :n] = torch.tensor(t.logp_behav)
-        return {k: v.to(self.device) for k, v in
-                dict(ids=ids, attn=attn, pos=pos, targets=targets, mask=mask, behav=behav).items()}
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P + T): positions as the engine saw them
+        return {k: v.to(self.device) for k, v in dict(ids=ids, attn=attn, positions=positions, targets=targets,
+                                                      mask=mask, behav=behav).items()}
 
     def _logprobs(self, tb: dict[str, torch.Tensor], with_entropy: bool, model=None):
         """Log-probs of the response tokens under `model` (default: the policy), at the sampling
-        temperature. Only response positions go through the LM head (the prompt's logits are never needed)."""
+        temperature. Only response positions go through the LM head (`logits_to_keep`)."""
         model = model or self.model
-        hidden = model.get_decoder()(input_ids=tb["ids"], attention_mask=tb["attn"]).last_hidden_state  # (B, L, H)
-        h = torch.gather(hidden, 1, tb["pos"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, T, H)
-        logits = model.get_output_embeddings()(h).float() / self.cfg.rollout.temperature  # (B, T, V)
+        T = tb["targets"].shape[1]
+        out = model(input_ids=tb["ids"], attention_mask=tb["attn"], position_ids=tb["positions"],
+                    logits_to_keep=T + 1, use_cache=False)
+        logits = out.logits[:, :-1].float() / self.cfg.rollout.temperature  # (B, T, V)
         logp = token_logprobs(logits, tb["targets"])  # (B, T)
         entropy = entropy_from_logits(logits.detach()) if with_entropy else None
         return logp, entropy
+
+    @contextlib.contextmanager
+    def _ewma_weights(self):
+        """The EWMA averages in place of the trained weights (this rank's shards), restored after."""
+        current = [local(p).detach().clone() for p in self.trained]
+        with torch.no_grad():
+            for p, avg in zip(self.trained, self.ewma.averaged()):
+                local(p).copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, data in zip(self.trained, current):
+                    local(p).copy_(data)
 
     @torch.no_grad()
     def _proximal_logprobs(self, tensors: list[dict]) -> list[torch.Tensor]:
@@ -156,16 +228,15 @@ class TrainerWorker:
             return [tb["behav"] for tb in tensors]  # coupled PPO: pi_prox = pi_behav
         if self.ewma is None:
             return [self._logprobs(tb, False)[0] for tb in tensors]  # recompute: weights at the step's start
-        # EWMA: point the parameters at the averaged tensors for the forward pass (no copy), then back
-        params = list(self.model.parameters())
-        current = [p.data for p in params]
-        for p, avg in zip(params, self.ewma.averaged()):
-            p.data = avg
-        try:
+        with self._ewma_weights():
             return [self._logprobs(tb, False)[0] for tb in tensors]
-        finally:
-            for p, data in zip(params, current):
-                p.data = data
+
+    @torch.no_grad()
+    def _reference_logprobs(self, tb: dict) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._logprobs(tb, False, self.ref_model)[0]
+        with self.model.disable_adapter():  # LoRA: the frozen base model is the reference
+            return self._logprobs(tb, False)[0]
 
     def _advantages(self, trajs: list[Trajectory], baselines: list[Trajectory]) -> torch.Tensor:
         alg = self.cfg.algorithm
@@ -185,6 +256,16 @@ class TrainerWorker:
             adv = self.adv_norm.normalize(adv)
         return adv
 
+    def _shares(self, active: list[int]) -> list[list[int] | None]:
+        """This rank's micro-batches of the active trajectories. Every rank runs the same number of
+        forward/backward passes (FSDP gathers in each); a rank short of work gets None entries,
+        run on a stand-in trajectory with its loss multiplied by 0."""
+        mine = active[self.rank :: self.world_size]
+        size = self.cfg.trainer.micro_batch_size
+        n = math.ceil(math.ceil(len(active) / self.world_size) / size)
+        mbs: list[list[int] | None] = [mine[i : i + size] for i in range(0, len(mine), size)]
+        return mbs + [None] * (n - len(mbs))
+
     def train_step(self, batch: list[Trajectory]) -> dict:
         t0 = time.perf_counter()
         cfg, alg = self.cfg, self.cfg.algorithm
@@ -199,8 +280,8 @@ class TrainerWorker:
         # makes most groups all-0 or all-1, so this often skips most of the batch. A KL term has a
         # gradient on every token, so with kl_coef > 0 every trajectory is trained on.
         active = [i for i in range(len(trajs)) if advantages[i] != 0 or alg.kl_coef > 0]
-        mbs = [active[i : i + cfg.trainer.micro_batch_size] for i in range(0, len(active), cfg.trainer.micro_batch_size)]
-        tensors = [self._batch_tensors([trajs[i] for i in mb]) for mb in mbs]
+        mbs = self._shares(active)
+        tensors = [self._batch_tensors([trajs[i] for i in (mb or [0])]) for mb in mbs]
 
         prox = self._proximal_logprobs(tensors)
 
@@ -209,34 +290,44 @@ class TrainerWorker:
         sums: dict[str, float] = defaultdict(float)
         for mb, tb, logp_prox in zip(mbs, tensors, prox):
             logp, entropy = self._logprobs(tb, True)
-            adv = advantages[mb].to(self.device).unsqueeze(1).expand_as(logp)  # (B, T)
+            weight = 0.0 if mb is None else 1.0  # a stand-in micro-batch contributes nothing
+            adv = advantages[mb or [0]].to(self.device).unsqueeze(1).expand_as(logp)  # (B, T)
+            mask = tb["mask"] * weight
             loss, stats = policy_loss(
-                logp, logp_prox, tb["behav"], adv, tb["mask"],
+                logp, logp_prox, tb["behav"], adv, mask,
                 eps_low=alg.eps_low, eps_high=alg.eps_high, behav_weight_cap=alg.behav_weight_cap,
                 cap_mode=alg.behav_weight_cap_mode, loss_denominator=denominator, agg_mode=alg.agg_mode,
             )
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    logp_ref = self._logprobs(tb, False, self.ref_model)[0]
-                kl = aggregate(kl_penalty(logp, logp_ref, alg.kl_estimator), tb["mask"], alg.agg_mode, denominator)
+            if alg.kl_coef > 0:
+                logp_ref = self._reference_logprobs(tb)
+                kl = aggregate(kl_penalty(logp, logp_ref, alg.kl_estimator), mask, alg.agg_mode, denominator)
                 sums["kl"] += kl.item()
                 loss = loss + alg.kl_coef * kl
-            loss.backward()
+            if self.steps + 1 in cfg.trainer.inject_nan_steps:  # fault-injection test hook, off by default
+                loss = loss * float("nan")
+            # FSDP averages gradients over the ranks; the loss is already the global token-mean
+            (loss * self.world_size if self.fsdp else loss).backward()
             sums["loss"] += loss.item()
-            sums["entropy"] += (entropy * tb["mask"]).sum().item()
+            sums["entropy"] += (entropy * mask).sum().item()
             # engine-vs-trainer mismatch (zero lag would make this ~0 but for kernel differences)
-            sums["prox_behav_diff"] += ((logp_prox - tb["behav"]) * tb["mask"]).sum().item()
+            sums["prox_behav_diff"] += ((logp_prox - tb["behav"]) * mask).sum().item()
             for k, v in stats.items():
                 sums[k] += float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip).item()
+        keys = ["loss", "kl", "entropy", "prox_behav_diff", "tokens", "clipped", "approx_kl", "capped"]
+        sums = dict(zip(keys, parallel.all_reduce_sum([sums[k] for k in keys], self.device)))
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.trained, cfg.trainer.grad_clip)).item()
         skipped = not (math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
         if skipped:
-            log.warning("Non-finite loss or gradient at step %d; skipping the optimizer step.", self.steps + 1)
+            self.skipped_in_a_row += 1
+            log.warning("Non-finite loss or gradient at step %d; skipping the optimizer step (%d in a row).",
+                        self.steps + 1, self.skipped_in_a_row)
             self.optimizer.zero_grad(set_to_none=False)
         else:
+            self.skipped_in_a_row = 0
             self.optimizer.step()
             if self.ewma is not None:
-                self.ewma.update(self.model.parameters())
+                self.ewma.update(local(p) for p in self.trained)
+        self.scheduler.step()
         self.steps += 1
         tokens = max(sums["tokens"], 1.0)  # diagnostics are over the tokens that were trained on
         return {
@@ -252,12 +343,96 @@ class TrainerWorker:
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "rollout/response_len_mean": n_tokens / max(len(trajs), 1),
             "train/skipped_steps": int(skipped),
+            "train/skipped_in_a_row": self.skipped_in_a_row,
+            "train/lr": self.scheduler.get_last_lr()[0],
             "train/active_frac": len(active) / max(len(trajs), 1),  # trajectories with a non-zero advantage
             "policy/ewma_center_of_mass_steps": self.hparams["ewma_center_of_mass_steps"] if self.ewma else 0.0,
             "train/tokens": sum(t.num_tokens for t in trajs),
             "time/train_s": time.perf_counter() - t0,
             "memory/max_allocated_gib": self._max_memory_gib(),
         }
+
+    # ---- checkpoint and export ---------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write trainer.pt into the checkpoint directory `path` (rank 0; every rank gathers):
+        full trained weights (LoRA: the adapters only), optimizer, scheduler, EWMA, advantage
+        statistics, step and RNG states. Tensors and plain containers only: it loads with
+        torch.load(weights_only=True)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+        ewma = [full(self._as_param_layout(a, p)).cpu() for a, p in zip(self.ewma.averaged(), self.trained)] \
+            if self.ewma is not None else None
+        if self.rank != 0:
+            return
+        if self.lora_scale is not None:
+            model_sd = {k: v for k, v in model_sd.items() if lora.is_adapter(k)}
+        state = {
+            "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "steps": self.steps,
+            "ewma": None if ewma is None else {"avg": ewma, "num_updates": self.ewma.num_updates,
+                                               "beta": self.ewma.beta},
+            "adv_norm": self.adv_norm.state_dict() if self.adv_norm is not None else None,
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
+            "skipped_in_a_row": self.skipped_in_a_row,
+        }
+        torch.save(state, Path(path) / "trainer.pt")
+
+    def _as_param_layout(self, avg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """An EWMA shard as a tensor laid out like its parameter (a DTensor under FSDP)."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(p, DTensor):
+            return DTensor.from_local(avg, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        return avg
+
+    def load(self, path: str) -> int:
+        """Restore from a checkpoint directory written by `save`; every rank reads the file.
+        Returns the step the checkpoint was taken after."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=True)
+        strict = self.lora_scale is None  # LoRA checkpoints hold the adapters only
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=strict))
+        self.scheduler.load_state_dict(state["scheduler"])
+        if (state["ewma"] is None) != (self.ewma is None):
+            raise ValueError(f"checkpoint {path} was written with algorithm.proximal "
+                             f"{'ewma' if state['ewma'] else 'other than ewma'}; resume with the same setting")
+        if self.ewma is not None:
+            self.ewma.beta, self.ewma.num_updates = float(state["ewma"]["beta"]), int(state["ewma"]["num_updates"])
+            with torch.no_grad():
+                for avg, whole, p in zip(self.ewma.averaged(), state["ewma"]["avg"], self.trained):
+                    avg.copy_(parallel.shard_of(whole, p))
+        if self.adv_norm is not None and state["adv_norm"] is not None:
+            self.adv_norm.load_state_dict(state["adv_norm"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        self.steps = int(state["steps"])
+        self.skipped_in_a_row = int(state["skipped_in_a_row"])
+        return self.steps
+
+    def export_hf(self, out_dir: str, model_dir: str) -> None:
+        """The policy as a Hugging Face directory (merged weights in model.dtype, tokenizer, config),
+        plus `<out_dir>/adapter` (PEFT format) with LoRA. Rank 0 writes; every rank gathers."""
+        merged = {n: t.to(self.sync_dtype).cpu() for n, t in self._named_for_engine()}
+        adapter = {n: full(p).detach().cpu() for n, p in self.model.named_parameters() if lora.is_adapter(n)}
+        if self.rank != 0:
+            return
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=self.sync_dtype)
+        skeleton.save_pretrained(tmp, state_dict=merged)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+        if self.lora_scale is not None:
+            self.model.save_pretrained(tmp / "adapter", state_dict=adapter)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
 
     def _max_memory_gib(self) -> float:
         if self.device.type == "cuda":

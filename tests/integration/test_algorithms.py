@@ -29,7 +29,7 @@ class _OneTicketService:
     async def put(self, group):
         self.groups.append(group)
 
-    async def drop(self, n, reason):
+    async def drop(self, n, reason, seq):
         pass
 
     async def get(self):

@@ -1,0 +1,156 @@
+"""Trainer scale-out, LoRA, checkpoint and resume, on real Ray and real torch.distributed (gloo)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from rollout.trajectory import Trajectory
+from tests.conftest import compose
+
+COMMON = ["model=tiny", "rollout.engine=hf", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
+          "rollout.max_new_tokens=8", "rewards.num_workers=1", "task.num_eval=4", "eval.max_new_tokens=4",
+          "logger.wandb.mode=disabled", "logger.progress=false"]
+
+
+def _weights(hf_dir):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _batch(seed=0):
+    """Two groups of three trajectories of different lengths, rewards with non-zero advantages."""
+    g = torch.Generator().manual_seed(seed)
+    trajs = []
+    for group in range(2):
+        prompt = torch.randint(5, 500, (4 + 3 * group,), generator=g).tolist()
+        for k in range(3):
+            resp = torch.randint(5, 500, (2 + 2 * k + group,), generator=g).tolist()
+            trajs.append(Trajectory(f"{group}-{k}", group, str(group), prompt, resp, [-5.0] * len(resp),
+                                    [0] * len(resp), 0, reward=float((k + group) % 2)))
+    return trajs
+
+
+def test_two_fsdp_workers_match_one(tmp_path, ray_local, tiny_model_dir):
+    """One optimizer step on the same batch: two FSDP2 ranks (gloo) and one unsharded worker end
+    with the same parameters. Tolerance 1e-6 absolute (lr 1e-4): the summation order differs."""
+    from trainer.worker import TrainerWorker
+
+    overrides = ["model=tiny", "trainer.lr=1e-4", "trainer.batch_size=6", "trainer.group_size=3",
+                 f"output_dir={tmp_path}"]
+    batch = _batch()
+    one = TrainerWorker(compose([*overrides, "trainer.micro_batch_size=4"]), tiny_model_dir)
+    expected = one.train_step(batch)
+    one.export_hf(str(tmp_path / "one"), tiny_model_dir)
+
+    cfg2 = compose([*overrides, "trainer.micro_batch_size=1", "trainer.num_workers=2"])
+    actor = ray.remote(TrainerWorker).options(num_cpus=0.5)
+    ranks = [actor.remote(cfg2, tiny_model_dir, r, 2) for r in range(2)]
+    host, port = ray.get(ranks[0].sync_address.remote())
+    ray.get([r.init_group.remote(host, port, "gloo") for r in ranks])
+    metrics = ray.get([r.train_step.remote(batch) for r in ranks])
+    ray.get([r.export_hf.remote(str(tmp_path / "two"), tiny_model_dir) for r in ranks])
+    for r in ranks:
+        ray.kill(r)
+
+    for key in ("loss/policy", "policy/entropy", "policy/grad_norm", "policy/clipfrac", "train/active_frac"):
+        assert metrics[0][key] == pytest.approx(expected[key], rel=1e-5), key  # sums over both ranks
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    initial = _weights(Path(tiny_model_dir))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(a[n], initial[n]) for n in a if n in initial)  # the step did move the weights
+
+
+def test_lora_trains_adapters_only_and_merges(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.worker import TrainerWorker
+
+    cfg = compose(["model=tiny", "model.lora.rank=4", "model.lora.alpha=8", "trainer.lr=1e-2",
+                   "trainer.batch_size=6", "trainer.group_size=3", f"output_dir={tmp_path}"])
+    trainer = TrainerWorker(cfg, tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step(_batch())
+    trainer.train_step(_batch(1))
+    after = dict(trainer.model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(".lora_" in n for n in moved)
+    assert any(".lora_B." in n for n in moved) and all(p.requires_grad == (".lora_" in n) for n, p in after.items())
+    assert sum(s.numel() for g in trainer.optimizer.param_groups for s in g["params"]) == \
+        sum(p.numel() for n, p in after.items() if ".lora_" in n)
+
+    # what the engines receive: base + (alpha / r) * B @ A, under the base model's names
+    merged = dict(trainer._named_for_engine())
+    q = "model.layers.0.self_attn.q_proj"
+    base = after[f"base_model.model.{q}.base_layer.weight"]
+    delta = 2.0 * after[f"base_model.model.{q}.lora_B.default.weight"] @ after[f"base_model.model.{q}.lora_A.default.weight"]
+    torch.testing.assert_close(merged[f"{q}.weight"], base + delta)
+    assert not torch.equal(merged[f"{q}.weight"], base)
+    assert [m.name for m in trainer.param_metas()] == list(merged)
+
+    # the export: merged weights load with transformers; base + PEFT adapter gives the same model
+    trainer.export_hf(str(tmp_path / "hf"), tiny_model_dir)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    restored = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "hf" / "adapter")
+    restored = restored.merge_and_unload()
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, restored(ids).logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dict(exported.named_parameters())[f"{q}.weight"], merged[f"{q}.weight"])
+
+
+def _samples(out):
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact_in_sync_mode(tmp_path, ray_local, tiny_model_dir):
+    """4 steps straight == 2 steps, stop, resume=auto for 2 more: same prompts in the same order,
+    same responses, same final weights. A checkpoint cut off mid-write is never resumed from."""
+    from trainer.loop import run
+
+    base = [*COMMON, "staleness.max_staleness=0", "trainer.batch_size=4", "trainer.group_size=2",
+            "trainer.micro_batch_size=2", "rollout.max_concurrent_groups=1", "logger.sample_every=1",
+            "checkpoint.every_steps=1", "checkpoint.keep_last=2", "trainer.lr=1e-3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(compose([*base, "trainer.max_steps=4", f"output_dir={straight}"]))
+    first = run(compose([*base, "trainer.max_steps=2", f"output_dir={split}"]))
+    assert first["resumed_from_step"] == 0
+    ckpts = split / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002"]
+    # a run killed while writing step 3 leaves a temporary directory, or one without its marker
+    shutil.copytree(ckpts / "step_00000002", ckpts / ".step_00000003.tmp")
+    shutil.copytree(ckpts / "step_00000002", ckpts / "step_00000003")
+    (ckpts / "step_00000003" / "COMPLETE").unlink()
+    (ckpts / "step_00000003" / "trainer.pt").write_bytes(b"truncated")
+    second = run(compose([*base, "trainer.max_steps=4", f"output_dir={split}"]))
+    assert second["resumed_from_step"] == 2
+
+    key = lambda r: (r["step"], r["prompt_index"], r["response"], r["reward"])  # noqa: E731
+    assert [key(r) for r in _samples(split)] == [key(r) for r in _samples(straight)]
+    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    acc = json.loads((split / "accounting.json").read_text())
+    assert acc["identity_holds"] and acc["consumed"] == 16 and acc["requeued_on_resume"] == 0
+    ref = json.loads((straight / "accounting.json").read_text())
+    assert {k: acc[k] for k in ("admitted", "consumed", "dropped")} == {k: ref[k] for k in ("admitted", "consumed", "dropped")}
+    a, b = _weights(straight / "hf"), _weights(split / "hf")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_names_a_bad_checkpoint_path(tmp_path, tiny_model_dir):
+    from configs.schema import ConfigError
+    from trainer.loop import run
+
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=.*not a complete checkpoint"):
+        run(compose([*COMMON, f"checkpoint.resume={tmp_path}/nowhere", f"output_dir={tmp_path}"]))

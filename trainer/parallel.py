@@ -1,0 +1,77 @@
+"""Data parallelism of the trainer workers: one torch.distributed group, FSDP2 sharding.
+
+    init_trainer_group(host, port, rank, world_size, backend, timeout_s)
+    shard(model)                      # FSDP2 `fully_shard` per decoder layer, then the root
+    full(t) / local(t)                # the whole tensor (a collective on sharded params) / this rank's shard
+    shard_of(full_tensor, like)       # this rank's part of a full tensor, laid out like parameter `like`
+    all_reduce_sum(values)            # sum a list of floats over the ranks
+
+Every rank receives the whole batch and computes the same advantages; each trains on its share
+of the trajectories. Every micro-batch loss is divided by the global token count and multiplied
+by the world size before backward, because FSDP's gradient reduction averages over the ranks
+(gloo has no pre-multiplied sum to turn that off): the gradient is then the global token-mean
+of DESIGN.md section 3 whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def init_trainer_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+    if dist.is_initialized():
+        raise RuntimeError("this trainer process already belongs to a torch.distributed group")
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (also under a PEFT wrapper)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers to shard (no `.layers` on the "
+                         "decoder); use trainer.fsdp=false with one trainer worker")
+    return list(layers)
+
+
+def shard(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
+    """FSDP2: shard every decoder layer and the rest of the model over the trainer group."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor. For a sharded parameter this all-gathers: every rank must call it."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (the tensor itself when not sharded)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_of(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `whole`, split like parameter `like` (no communication: every rank has `whole`)."""
+    if not isinstance(like, DTensor):
+        return whole
+    return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
