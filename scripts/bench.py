@@ -1,6 +1,10 @@
-"""Micro-benchmarks beside the training pipeline: the physical limit of a weight transfer and the
-standalone generation throughput of one engine. Each prints its numbers and writes JSON.
+"""Benchmarks. `pipeline` runs, in one command, tether synchronous (eta = 0) and asynchronous (eta = 4)
+on one forced-length workload (rollout.forced_length_*), the rollout workers and the trainer alone on
+the same workload, a bare transfer of the weight-sync bytes by the same route, and TRL's GRPOTrainer
+on the same model, prompts, lengths, group and batch sizes; it prints a table and writes one JSON.
+`transfer` and `generate` are micro-benchmarks of one copy and one engine. Hydra overrides go last.
 
+    python scripts/bench.py pipeline --out bench.json model=tiny rollout.engine=hf rollout.forced_length_median=8 rollout.forced_length_max=16 rollout.max_new_tokens=16 trainer.max_steps=3 trainer.batch_size=8 trainer.group_size=4 trainer.micro_batch_size=4 rollout.num_cpus=0.5 trainer.num_cpus=0.5 rewards.num_workers=1 rollout.max_concurrent_groups=2 task.num_eval=2
     python scripts/bench.py transfer --model-dir DIR --out transfer.json           # device-to-device copy of the model's bytes
     python scripts/bench.py generate --model-dir DIR --prompts 256 --max-tokens 256 --out gen.json
     python scripts/bench.py generate --model-dir DIR --device cpu --prompts 16 --max-tokens 32 --kv-cache-gib 0.5
