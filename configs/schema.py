@@ -45,7 +45,7 @@ class TaskConfig:
     eval_path: Optional[str] = None  # jsonl/gsm8k: a separate eval file
     prompt_key: str = "question"  # jsonl/gsm8k: column holding the question
     answer_key: str = "answer"  # jsonl/gsm8k: column holding the reference answer
-    reward: str = "last_integer"  # last_integer | math (math-verify equivalence) | python_exec (run against tests)
+    reward: str = "last_integer"  # last_integer | math (math-verify equivalence) | python_exec (run against tests) | text_hash (benchmarks: pseudo-random, no learning signal)
     system_prompt: Optional[str] = None
     chat_template: bool = True  # apply the tokenizer's chat template to each question
 
@@ -68,6 +68,12 @@ class RolloutConfig:
     num_cpus: float = 1.0  # Ray resources per rollout worker
     num_gpus: float = 0.0
     max_restarts: int = 2
+    # Benchmarks: every response gets exactly a length drawn from a seeded log-normal (EOS ignored,
+    # min_tokens = max_tokens = the length), so every system generates and trains on the same tokens.
+    # The responses are then not the policy's own choice of length: use it to measure throughput, not to learn.
+    forced_length_median: Optional[int] = None  # median of the log-normal, in tokens; unset = off
+    forced_length_sigma: float = 1.0  # sigma of log(length): 1.0 puts ~2% of draws past 8x the median (the long tail that stalls synchronous steps)
+    forced_length_max: Optional[int] = None  # draws are clipped to this; unset = rollout.max_new_tokens
 
 
 @dataclass
@@ -205,6 +211,20 @@ def _choice(key: str, value, choices: tuple) -> None:
     _check(value in choices, key, value, f"must be one of {', '.join(map(str, choices))}")
 
 
+def _validate_forced_length(r) -> None:
+    if r.forced_length_median is None:
+        return
+    _check(r.forced_length_median >= 1, "rollout.forced_length_median", r.forced_length_median,
+           "must be >= 1 token, or null to turn forced lengths off")
+    _check(r.forced_length_sigma >= 0, "rollout.forced_length_sigma", r.forced_length_sigma,
+           "must be >= 0 (0 = every response exactly the median)")
+    max_len = r.max_new_tokens if r.forced_length_max is None else r.forced_length_max
+    _check(max_len >= r.forced_length_median, "rollout.forced_length_max", max_len,
+           f"must be >= rollout.forced_length_median={r.forced_length_median}")
+    _check(max_len <= r.max_new_tokens, "rollout.forced_length_max", max_len,
+           f"must be <= rollout.max_new_tokens={r.max_new_tokens}; raise rollout.max_new_tokens (and rollout.max_model_len)")
+
+
 def validate(cfg) -> None:
     """Check every value; raise ConfigError naming the first bad key."""
     _choice("model.name", cfg.model.name, ("smollm2-135m", "tiny", "random-1.5b", "hf"))
@@ -221,7 +241,7 @@ def validate(cfg) -> None:
     _choice("task.name", cfg.task.name, ("arithmetic", "jsonl", "gsm8k", "python_exec"))
     _check(cfg.task.name in ("arithmetic", "python_exec") or bool(cfg.task.path), "task.path", cfg.task.path,
            f"must name a .jsonl or .parquet file when task.name={cfg.task.name}")
-    _choice("task.reward", cfg.task.reward, ("last_integer", "math", "python_exec"))
+    _choice("task.reward", cfg.task.reward, ("last_integer", "math", "python_exec", "text_hash"))
     _check(cfg.rewards.num_workers >= 1, "rewards.num_workers", cfg.rewards.num_workers, "must be >= 1")
     _check(cfg.rewards.timeout_s > 0, "rewards.timeout_s", cfg.rewards.timeout_s, "must be > 0")
     _check(cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train, "must be >= 1")
@@ -250,6 +270,7 @@ def validate(cfg) -> None:
     _check(r.num_cpus > 0 and r.num_gpus >= 0, "rollout.num_cpus/num_gpus", (r.num_cpus, r.num_gpus),
            "must be > 0 CPUs and >= 0 GPUs per rollout worker")
     _check(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
+    _validate_forced_length(r)
 
     _check(cfg.staleness.max_staleness >= 0, "staleness.max_staleness", cfg.staleness.max_staleness,
            "must be >= 0; use 0 for synchronous training")

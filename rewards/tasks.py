@@ -33,6 +33,10 @@ def reward_function(name: str) -> Callable[[str, str], float]:
         from rewards.code_task import python_exec_reward
 
         return python_exec_reward
+    if name == "text_hash":
+        from rewards.text_hash import text_hash_reward
+
+        return text_hash_reward
     return last_integer_reward
 _REPO = Path(__file__).resolve().parent.parent
 

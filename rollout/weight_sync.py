@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -185,3 +186,56 @@ def ipc_unpack(handles: bytes, metas: list[ParamMeta], bucket_bytes: int) -> Ite
             m = metas[i]
             yield m.name, buf[offset : offset + m.nbytes].view(m.torch_dtype).view(m.shape)
             offset += m.nbytes
+
+
+class TransferProbe:
+    """Ray actor: the bare cost of moving `nbytes` by a weight-sync route (scripts/bench.py), nothing else:
+    no cast to the engine dtype, no packing of parameters, no loading into an engine. The
+    physical limit a publish of the same bytes is compared with."""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs not assigned
+        self.group = None
+
+    def address(self) -> tuple[str, int]:
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+        self.group = make_group(backend, host, port, rank, world_size, timeout_s)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # a CPU-GPU sync point: the bytes have arrived
+
+    def broadcast(self, nbytes: int, bucket_bytes: int, repeats: int) -> list[float]:
+        """Seconds of each of `repeats` broadcasts of `nbytes` from rank 0, in buckets of `bucket_bytes`
+        (one warm-up first, not returned). Every rank calls it; each returns its own times."""
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # (nbytes,)
+        times = []
+        for _ in range(repeats + 1):
+            self._sync()
+            t0 = time.perf_counter()
+            for start in range(0, nbytes, bucket_bytes):
+                self.group.broadcast(buf[start : start + bucket_bytes], 0).wait()
+            self._sync()
+            times.append(time.perf_counter() - t0)
+        return times[1:]
+
+    def copy(self, nbytes: int, repeats: int) -> list[float]:
+        """Seconds of each of `repeats` device-to-device copies of `nbytes` (the colocated route's limit)."""
+        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # (nbytes,)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(repeats + 1):
+            self._sync()
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            self._sync()
+            times.append(time.perf_counter() - t0)
+        return times[1:]

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from rewards.pool import RewardPool
 from rewards.tasks import build_task, render_prompt
 from rollout.engine import Engine, SamplingSpec
+from rollout.forced_length import forced_length_of
 from rollout.trajectory import Trajectory
 from rollout.weight_sync import ParamMeta
 
@@ -175,6 +176,13 @@ class RolloutWorker:
             self.stats["reward_errors"] += 1
         return reward, error is not None
 
+    def _force_length(self, spec: SamplingSpec, seq: int, sample: int) -> SamplingSpec:
+        """With `rollout.forced_length_*` set: exactly the drawn number of tokens, EOS ignored."""
+        length = forced_length_of(self.cfg, seq, sample)
+        if length is None:
+            return spec
+        return replace(spec, max_tokens=length, min_tokens=length, ignore_eos=True)
+
     async def _rollout_group(self, ticket: dict) -> list[Trajectory]:
         """G samples of one prompt; with ReMax also its greedy response, the baseline.
 
@@ -195,6 +203,7 @@ class RolloutWorker:
         specs = [(str(k), replace(spec, seed=base_seed + 1000 * k)) for k in range(g)]
         if self.cfg.algorithm.advantage == "remax":
             specs.append(("b", replace(spec, temperature=0.0)))
+        specs = [(k, self._force_length(sp, ticket["seq"], i)) for i, (k, sp) in enumerate(specs)]
         samples = await asyncio.gather(*(
             self._sample(f"w{self.index}-{ticket['seq']}-{k}", prompt_ids, sp) for k, sp in specs
         ))
@@ -242,6 +251,26 @@ class RolloutWorker:
 
     async def get_stats(self) -> dict:
         return dict(self.stats)
+
+    # ---- standalone throughput (scripts/bench.py) -------------------------------------
+    async def generate_standalone(self, tickets: list[dict]) -> dict:
+        """Generate and score the groups of `tickets` alone: no staleness service, no trainer, no publish,
+        with the pipeline's concurrency (rollout.max_concurrent_groups groups at once). The upper bound on
+        what this worker can feed the trainer. Returns token counts (prompt + response, as the trainer
+        counts consumed tokens) and the wall time."""
+        queue = list(reversed(tickets))
+        trajs: list[Trajectory] = []
+
+        async def loop() -> None:
+            while queue:
+                trajs.extend(await self._rollout_group(queue.pop()))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(self.cfg.rollout.max_concurrent_groups)))
+        seconds = time.perf_counter() - t0
+        trained = [t for t in trajs if not t.is_baseline]
+        return {"trajectories": len(trained), "tokens": sum(t.num_tokens for t in trained),
+                "response_tokens": sum(len(t.response_ids) for t in trained), "seconds": seconds}
 
     # ---- evaluation --------------------------------------------------------------------
     async def evaluate(self, indices: list[int], max_new_tokens: int) -> list[dict]:

@@ -1,6 +1,10 @@
-"""Micro-benchmarks beside the training pipeline: the physical limit of a weight transfer and the
-standalone generation throughput of one engine. Each prints its numbers and writes JSON.
+"""Benchmarks. `pipeline` runs, in one command, tether synchronous (eta = 0) and asynchronous (eta = 4)
+on one forced-length workload (rollout.forced_length_*), the rollout workers and the trainer alone on
+the same workload, a bare transfer of the weight-sync bytes by the same route, and TRL's GRPOTrainer
+on the same model, prompts, lengths, group and batch sizes; it prints a table and writes one JSON.
+`transfer` and `generate` are micro-benchmarks of one copy and one engine. Hydra overrides go last.
 
+    python scripts/bench.py pipeline --out bench.json model=tiny rollout.engine=hf rollout.forced_length_median=8 rollout.forced_length_max=16 rollout.max_new_tokens=16 trainer.max_steps=3 trainer.batch_size=8 trainer.group_size=4 trainer.micro_batch_size=4 rollout.num_cpus=0.5 trainer.num_cpus=0.5 rewards.num_workers=1 rollout.max_concurrent_groups=2 task.num_eval=2
     python scripts/bench.py transfer --model-dir DIR --out transfer.json           # device-to-device copy of the model's bytes
     python scripts/bench.py generate --model-dir DIR --prompts 256 --max-tokens 256 --out gen.json
     python scripts/bench.py generate --model-dir DIR --device cpu --prompts 16 --max-tokens 32 --kv-cache-gib 0.5
@@ -15,6 +19,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -81,28 +86,465 @@ async def _generate(args) -> dict:
             "seconds": dt, "tokens_per_s": tokens / dt}
 
 
+# ---- pipeline: tether synchronous vs asynchronous, their standalone limits, weight sync, TRL ------
+
+REPO = Path(__file__).resolve().parent.parent
+# Added before the user's overrides (which win). text_hash: every group gets distinct rewards, so every
+# trajectory is trained on; a sparse task reward on forced-length responses would leave most groups all-0
+# and the trainer (which skips zero-advantage trajectories) nearly idle.
+PIPELINE_DEFAULTS = ["logger.wandb.mode=disabled", "logger.progress=false", "logger.sample_every=0",
+                     "task.reward=text_hash"]
+TIME_KEYS = ("time/step_s", "time/rollout_wait_s", "time/train_s", "time/weight_sync_s")
+
+
+def _compose(overrides: list[str]):
+    """The config scripts/train.py would see with these overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from configs.schema import register
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _num_groups(cfg) -> int:
+    """Prompt groups a run consumes: steps x B / G."""
+    return cfg.trainer.max_steps * cfg.trainer.batch_size // cfg.trainer.group_size
+
+
+def _prompt_order(cfg, num_prompts: int, n: int) -> list[int]:
+    """The first n prompt indices of a run's data cursor: group `seq` of the run gets prompt order[seq]."""
+    from staleness.service import StalenessService
+
+    cursor = StalenessService(cfg.trainer.batch_size, 0, None, num_prompts, cfg.seed)
+    return [cursor._next_prompt() for _ in range(n)]
+
+
+def _tether(cfg) -> dict:
+    """One training run (trainer.loop.run); effective throughput as DESIGN.md section 7 defines it:
+    tokens of the trajectories trained on / wall time of training."""
+    from trainer.loop import run
+
+    summary = run(cfg)
+    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    acc = summary["accounting"]
+    return {
+        "max_staleness": cfg.staleness.max_staleness, "steps": len(rows),
+        "consumed_tokens": sum(r["train/tokens"] for r in rows), "train_time_s": summary["train_time_s"],
+        "effective_tokens_per_s": summary["perf/consumed_tokens_per_s"],
+        "time_median_s": {k: statistics.median(r[k] for r in rows) for k in TIME_KEYS},
+        "rollout_tokens_per_s_median": statistics.median(r["rollout/tokens_per_s"] for r in rows),
+        "response_len_mean": statistics.mean(r["rollout/response_len_mean"] for r in rows),
+        "staleness_lag_max": summary["staleness/lag_max_seen"],
+        "weight_sync_bytes": rows[0]["weight_sync/bytes"],
+        "trainer_memory_peak_gib": max(r["memory/max_allocated_gib"] for r in rows),
+        "accounting": {k: acc[k] for k in ("admitted", "consumed", "dropped_total", "in_flight")},
+    }
+
+
+def _standalone_generation(cfg, model_dir: str, layout: dict, num_prompts: int) -> dict:
+    """The rollout workers alone (no trainer, no publish) on the groups a run consumes, with the run's
+    engines, resources and concurrency: the most they can feed the trainer."""
+    import ray
+
+    from rollout.worker import RolloutWorker
+
+    order = _prompt_order(cfg, num_prompts, _num_groups(cfg))
+    tickets = [{"seq": seq, "prompt_index": p, "version": 0} for seq, p in enumerate(order)]
+    r = cfg.rollout
+    workers = [ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=layout["rollout_gpus"],
+                                                 max_concurrency=10_000).remote(i, cfg, model_dir, None)
+               for i in range(r.num_workers)]
+    try:
+        ray.get([w.start.remote() for w in workers])  # engines up, not timed
+        t0 = time.perf_counter()
+        parts = ray.get([w.generate_standalone.remote(tickets[i :: len(workers)]) for i, w in enumerate(workers)])
+        seconds = time.perf_counter() - t0
+        ray.get([w.close.remote() for w in workers])
+    finally:
+        for w in workers:
+            ray.kill(w)
+    tokens, response = sum(p["tokens"] for p in parts), sum(p["response_tokens"] for p in parts)
+    return {"groups": len(tickets), "trajectories": sum(p["trajectories"] for p in parts), "tokens": tokens,
+            "response_tokens": response, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "response_tokens_per_s": response / seconds}
+
+
+def _synthetic_batch(cfg, model_dir: str) -> list:
+    """One batch of the workload: the run's first B/G prompts, each with G responses of random tokens
+    of the forced lengths. Rewards 2**k never equal their group's mean (for G >= 2), so every advantage
+    is non-zero and every trajectory is trained on."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rewards.tasks import build_task, render_prompt
+    from rollout.forced_length import forced_length_of
+    from rollout.trajectory import Trajectory
+
+    task, tokenizer = build_task(cfg.task), AutoTokenizer.from_pretrained(model_dir)
+    g = cfg.trainer.group_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = []
+    for seq, index in enumerate(_prompt_order(cfg, len(task.train), cfg.trainer.batch_size // g)):
+        prompt = render_prompt(task, tokenizer, task.train[index].question)
+        for k in range(g):
+            n = forced_length_of(cfg, seq, k)
+            response = torch.randint(len(tokenizer), (n,), generator=gen).tolist()  # (n,)
+            batch.append(Trajectory(f"{seq}-{k}", index, str(seq), prompt, response, [-1.0] * n, [0] * n, 0,
+                                    reward=float(2**k), finish_reason="length"))
+    return batch
+
+
+def _standalone_trainer(cfg, model_dir: str, layout: dict, steps: int) -> dict:
+    """TrainerWorker.train_step alone, on one fixed batch of the workload, with the run's resources:
+    the most tokens the trainer can consume per second. One warm-up step first, not timed."""
+    import ray
+
+    from trainer.worker import TrainerWorker
+
+    batch = _synthetic_batch(cfg, model_dir)
+    trainer = ray.remote(TrainerWorker).options(num_cpus=cfg.trainer.num_cpus,
+                                                num_gpus=layout["trainer_gpus"]).remote(cfg, model_dir)
+    times = []
+    try:
+        ray.get(trainer.train_step.remote(batch))
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            metrics = ray.get(trainer.train_step.remote(batch))
+            times.append(time.perf_counter() - t0)
+    finally:
+        ray.kill(trainer)
+    if metrics["train/active_frac"] != 1.0:
+        raise RuntimeError(f"standalone trainer: only {metrics['train/active_frac']:.0%} of the synthetic batch "
+                           "was trained on; its throughput would not be comparable")
+    tokens = sum(t.num_tokens for t in batch)
+    return {"steps": steps, "batch_tokens": tokens, "step_s_median": statistics.median(times),
+            "tokens_per_s": tokens * steps / sum(times), "memory_peak_gib": metrics["memory/max_allocated_gib"]}
+
+
+def _bare_transfer(cfg, layout: dict, nbytes: int, repeats: int) -> dict:
+    """The weight sync's bytes moved by the same route with nothing else: a broadcast from a process
+    with the trainer's resources to one per engine rank (gloo / NCCL), or one device-to-device copy
+    (colocated, CUDA IPC)."""
+    import ray
+
+    from rollout.weight_sync import TransferProbe
+
+    probe = ray.remote(TransferProbe)
+    backend, r = layout["backend"], cfg.rollout
+    probes = [probe.options(num_cpus=cfg.trainer.num_cpus, num_gpus=layout["trainer_gpus"]).remote()]
+    try:
+        if backend == "ipc":
+            times = ray.get(probes[0].copy.remote(nbytes, repeats))
+            route = "device-to-device copy (colocated)"
+        else:
+            ranks = r.num_workers * r.tensor_parallel_size
+            probes += [probe.options(num_cpus=r.num_cpus / r.tensor_parallel_size,
+                                     num_gpus=layout["rollout_gpus"] / r.tensor_parallel_size).remote()
+                       for _ in range(ranks)]
+            host, port = ray.get(probes[0].address.remote())
+            ray.get([p.join.remote(host, port, rank, len(probes), backend, cfg.weight_sync.timeout_s)
+                     for rank, p in enumerate(probes)])
+            bucket = cfg.weight_sync.bucket_mb << 20
+            per_rank = ray.get([p.broadcast.remote(nbytes, bucket, repeats) for p in probes])
+            times = [max(ts) for ts in zip(*per_rank)]  # a repeat is over when every rank holds the bytes
+            route = f"{backend} broadcast, 1 process to {ranks}, buckets of {cfg.weight_sync.bucket_mb} MB"
+    finally:
+        for p in probes:
+            ray.kill(p)
+    med = statistics.median(times)
+    return {"route": route, "bytes": nbytes, "repeats": repeats, "seconds_median": med, "gib_per_s": nbytes / med / 2**30}
+
+
+class _ForcedLengths:
+    """A transformers logits processor: row i ends after exactly lengths[i] tokens, the last of them EOS
+    (TRL ends a completion at its first EOS and trains on it), EOS masked before. Set `lengths` and
+    `prompt_len` before each generate call (prompts are left-padded to one width)."""
+
+    def __init__(self, eos_ids: list[int]) -> None:
+        self.eos_ids = eos_ids
+        self.lengths = None  # (N,)
+        self.prompt_len = 0
+
+    def __call__(self, input_ids, scores):  # input_ids (N, prompt_len + t), scores (N, V)
+        import torch
+
+        t = input_ids.shape[1] - self.prompt_len  # tokens generated so far, the same in every row
+        lengths = self.lengths.to(scores.device)
+        eos = torch.tensor(self.eos_ids, device=scores.device)
+        early = (t < lengths - 1).nonzero(as_tuple=True)[0]  # rows that must not stop yet
+        scores[early.unsqueeze(1), eos] = float("-inf")
+        last = t == lengths - 1  # rows whose next token is their last: EOS
+        scores[last] = float("-inf")
+        scores[last, eos[0]] = 0.0
+        return scores
+
+
+class _TRLLengthHook:
+    """Forces TRL's generations to the workload's lengths. Row r of generate call c is sample r % G of
+    group c * (rows / G) + r // G: TRL repeats each prompt G times in dataset order (shuffle off), so
+    group `seq` gets the same prompt and lengths as group `seq` of a tether run."""
+
+    def __init__(self, cfg, eos_ids: list[int]) -> None:
+        self.cfg = cfg
+        self.calls = 0
+        self.response_tokens = 0
+        self.processor = _ForcedLengths(eos_ids)
+
+    def next_lengths(self, rows: int) -> list[int]:
+        from rollout.forced_length import forced_length_of
+
+        g = self.cfg.trainer.group_size
+        first = self.calls * (rows // g)
+        lengths = [forced_length_of(self.cfg, first + r // g, r % g) for r in range(rows)]
+        self.calls += 1
+        self.response_tokens += sum(lengths)
+        return lengths
+
+    def wrap_transformers(self, model) -> None:
+        import torch
+        from transformers import LogitsProcessorList
+
+        generate = model.generate
+
+        def forced(*args, input_ids, **kwargs):
+            self.processor.lengths = torch.tensor(self.next_lengths(input_ids.shape[0]))  # (N,)
+            self.processor.prompt_len = input_ids.shape[1]
+            return generate(*args, input_ids=input_ids, logits_processor=LogitsProcessorList([self.processor]), **kwargs)
+
+        model.generate = forced
+
+    def wrap_vllm(self, llm) -> None:
+        import msgspec
+
+        generate = llm.generate
+
+        def forced(prompts, sampling_params=None, **kwargs):
+            params = [msgspec.structs.replace(sampling_params, max_tokens=n, min_tokens=n, ignore_eos=True)
+                      for n in self.next_lengths(len(prompts))]
+            return generate(prompts, sampling_params=params, **kwargs)
+
+        llm.generate = forced
+
+
+def _trl_args(cfg, use_vllm: bool, workdir: Path):
+    """GRPOConfig matching the run: one generation of B completions (B/G prompts x G) per optimizer step,
+    micro-batches of trainer.micro_batch_size, same lr, clip, temperature, no KL, no dropout, no
+    gradient checkpointing (tether has none either), constant learning rate."""
+    import torch
+    from trl import GRPOConfig
+
+    t, a = cfg.trainer, cfg.algorithm
+    on_gpu = torch.cuda.is_available()
+    max_len = cfg.rollout.forced_length_max or cfg.rollout.max_new_tokens
+    return GRPOConfig(
+        output_dir=str(workdir / "trl"), use_cpu=not on_gpu, bf16=on_gpu and cfg.model.dtype == "bfloat16",
+        per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.batch_size // t.micro_batch_size,
+        num_generations=t.group_size, max_completion_length=max_len, temperature=cfg.rollout.temperature,
+        top_p=1.0, top_k=0, learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=t.weight_decay, max_grad_norm=t.grad_clip, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        epsilon=a.eps_low, epsilon_high=a.eps_high, beta=0.0, num_iterations=1, max_steps=t.max_steps,
+        shuffle_dataset=False, seed=cfg.seed, disable_dropout=True, gradient_checkpointing=False,
+        report_to="none", save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": torch.float32}, use_vllm=use_vllm, vllm_mode="colocate",
+        vllm_max_model_length=cfg.rollout.max_model_len, vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+    )
+
+
+def _trl(cfg, model_dir: str, workdir: Path, generation: str) -> dict | str:
+    """TRL's GRPOTrainer on the same model, prompts, forced lengths, group and batch sizes, in this process.
+    Generation by transformers `generate` (CPU, or `--trl-generation transformers`) or TRL's colocated vLLM."""
+    try:
+        import trl
+    except ImportError:
+        return "not installed"
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from rewards.tasks import build_task
+
+    task = build_task(cfg.task)
+    order = _prompt_order(cfg, len(task.train), _num_groups(cfg))
+    system = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
+    rows = [{"prompt": [*system, {"role": "user", "content": task.train[i].question}], "answer": task.train[i].answer}
+            for i in order]
+
+    def reward(prompts, completions, answer, **kwargs) -> list[float]:
+        return [task.reward_fn(c[-1]["content"], a) for c, a in zip(completions, answer)]
+
+    use_vllm = generation == "vllm" or (generation == "auto" and torch.cuda.is_available())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=reward, args=_trl_args(cfg, use_vllm, workdir),
+                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    hook = _TRLLengthHook(cfg, trainer.eos_token_ids)
+    if use_vllm:
+        hook.wrap_vllm(trainer.vllm_generation.llm)
+    else:
+        hook.wrap_transformers(trainer.model)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    if hook.calls != cfg.trainer.max_steps:
+        raise RuntimeError(f"TRL generated {hook.calls} times for {cfg.trainer.max_steps} steps; the forced-length "
+                           "hook did not see every generation, its numbers would not be comparable")
+    tokens = trainer.state.num_input_tokens_seen  # TRL's own count: prompt + completion tokens trained on
+    memory = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # peak RSS (KiB on Linux)
+    return {"version": trl.__version__, "generation": "vllm (colocated)" if use_vllm else "transformers generate",
+            "steps": trainer.state.global_step, "consumed_tokens": tokens, "forced_response_tokens": hook.response_tokens,
+            "train_time_s": seconds, "effective_tokens_per_s": tokens / seconds, "process_memory_peak_gib": memory}
+
+
+def _environment(cfg, model_dir: str) -> dict:
+    import ray
+    import torch
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "ray": ray.__version__}
+    try:
+        import vllm
+
+        versions["vllm"] = vllm.__version__
+    except ImportError:
+        versions["vllm"] = "not installed"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    hardware = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "gpus": gpus}
+    params, _ = _model_bytes(model_dir, "float32")
+    return {"hardware": hardware, "versions": versions,
+            "model": {"name": cfg.model.name, "dtype": cfg.model.dtype, "parameters": params}}
+
+
+def _workload(cfg, layout: dict) -> dict:
+    from rollout.forced_length import forced_length_of
+
+    r, t = cfg.rollout, cfg.trainer
+    lengths = [forced_length_of(cfg, seq, k) for seq in range(_num_groups(cfg)) for k in range(t.group_size)]
+    return {"task": cfg.task.name, "reward": cfg.task.reward, "seed": cfg.seed,
+            "forced_length": {"median": r.forced_length_median, "sigma": r.forced_length_sigma,
+                              "max": r.forced_length_max or r.max_new_tokens},
+            "response_len_drawn": {"mean": statistics.mean(lengths), "median": statistics.median(lengths), "max": max(lengths)},
+            "group_size": t.group_size, "batch_size": t.batch_size, "steps": t.max_steps, "groups": _num_groups(cfg),
+            "micro_batch_size": t.micro_batch_size, "temperature": r.temperature, "engine": r.engine,
+            "rollout_workers": r.num_workers, "max_concurrent_groups": r.max_concurrent_groups, "layout": layout}
+
+
+def _ratios(systems: dict) -> dict:
+    sync, async_ = systems["tether_sync"], systems["tether_async"]
+    gen, train = systems["standalone_generation"], systems["standalone_trainer"]
+    bare, trl = systems["bare_transfer"], systems["trl"]
+    return {
+        "async_over_sync": async_["effective_tokens_per_s"] / sync["effective_tokens_per_s"],
+        # the pipeline is at best as fast as its slower stage running alone
+        "pipeline_efficiency": async_["effective_tokens_per_s"] / min(gen["tokens_per_s"], train["tokens_per_s"]),
+        # bytes/s of a publish as a fraction of the bare route's bytes/s (same bytes: a ratio of times)
+        "weight_sync_bandwidth_fraction": bare["seconds_median"] / async_["time_median_s"]["time/weight_sync_s"],
+        "tether_over_trl": (async_["effective_tokens_per_s"] / trl["effective_tokens_per_s"]
+                            if isinstance(trl, dict) else None),
+    }
+
+
+def pipeline(args) -> dict:
+    """Synchronous (eta = 0) and asynchronous (eta = --max-staleness) runs of one forced-length workload,
+    the standalone engine and trainer throughputs, a bare transfer of the weight-sync bytes, TRL."""
+    from configs.schema import ConfigError
+    from rewards.tasks import build_task
+    from rollout.models import resolve_model_dir
+    from trainer.loop import _layout
+
+    workdir = Path(args.workdir)
+    base = [*PIPELINE_DEFAULTS, *args.overrides]
+    cfgs = {name: _compose([*base, f"staleness.max_staleness={eta}", f"output_dir={(workdir / name).resolve()}"])
+            for name, eta in (("tether_sync", 0), ("tether_async", args.max_staleness))}
+    cfg = cfgs["tether_async"]
+    if cfg.rollout.forced_length_median is None:
+        raise ConfigError("rollout.forced_length_median=None: the benchmark needs forced lengths; pass e.g. "
+                          "rollout.forced_length_median=256 rollout.forced_length_max=2048 rollout.max_new_tokens=2048")
+    if cfg.trainer.group_size < 2:
+        raise ConfigError(f"trainer.group_size={cfg.trainer.group_size} must be >= 2 for the benchmark (GRPO in TRL needs 2)")
+    systems = {name: _tether(c) for name, c in cfgs.items()}  # each run validates its config first
+    model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
+    layout = _layout(cfg)  # Ray is up: the runs connected
+    num_prompts = len(build_task(cfg.task).train)
+    systems["standalone_generation"] = _standalone_generation(cfg, model_dir, layout, num_prompts)
+    systems["standalone_trainer"] = _standalone_trainer(cfg, model_dir, layout, args.trainer_steps)
+    systems["bare_transfer"] = _bare_transfer(cfg, layout, systems["tether_async"]["weight_sync_bytes"], args.repeats)
+    systems["trl"] = "off" if args.trl_generation == "off" else _trl(cfg, model_dir, workdir, args.trl_generation)
+    effective = {k: systems[k]["effective_tokens_per_s"] for k in ("tether_sync", "tether_async", "trl")
+                 if isinstance(systems[k], dict)}
+    return {"kind": "pipeline", "command": " ".join(["python", "scripts/bench.py", *args.argv]),
+            **_environment(cfg, model_dir), "workload": _workload(cfg, layout), "systems": systems,
+            "effective_tokens_per_s": effective, "ratios": _ratios(systems),
+            "targets": {"async_over_sync": 2.5, "pipeline_efficiency": 0.85},
+            "memory_peak_gib": {"tether_sync_trainer": systems["tether_sync"]["trainer_memory_peak_gib"],
+                                "tether_async_trainer": systems["tether_async"]["trainer_memory_peak_gib"],
+                                "standalone_trainer": systems["standalone_trainer"]["memory_peak_gib"],
+                                **({"trl_process": systems["trl"]["process_memory_peak_gib"]}
+                                   if isinstance(systems["trl"], dict) else {})}}
+
+
+def _table(result: dict) -> str:
+    s, ratio = result["systems"], result["ratios"]
+    trl = s["trl"]
+    lines = [f"{'system':<24}{'tokens/s':>12}  note",
+             *(f"{name:<24}{s[name]['effective_tokens_per_s']:>12.1f}  effective (consumed / training wall time)"
+               for name in ("tether_sync", "tether_async")),
+             (f"{'trl':<24}{trl['effective_tokens_per_s']:>12.1f}  effective, {trl['generation']}"
+              if isinstance(trl, dict) else f"{'trl':<24}{'-':>12}  {trl}"),
+             f"{'standalone_generation':<24}{s['standalone_generation']['tokens_per_s']:>12.1f}  rollout workers alone",
+             f"{'standalone_trainer':<24}{s['standalone_trainer']['tokens_per_s']:>12.1f}  train_step alone",
+             f"weight sync {s['tether_async']['time_median_s']['time/weight_sync_s']:.4g} s vs bare "
+             f"{s['bare_transfer']['seconds_median']:.4g} s ({s['bare_transfer']['route']})",
+             *(f"{k:<32}{v:.3f}" if v is not None else f"{k:<32}-" for k, v in ratio.items())]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["transfer", "generate"])
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--prompts", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
-    ap.add_argument("--kv-cache-gib", type=float, default=None)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--out", default=None)
+    sub = ap.add_subparsers(dest="what", required=True)
+    for name in ("transfer", "generate"):
+        p = sub.add_parser(name)
+        p.add_argument("--model-dir", required=True)
+        p.add_argument("--dtype", default="bfloat16")
+        p.add_argument("--device", default="cuda")
+        p.add_argument("--repeats", type=int, default=5)
+        p.add_argument("--prompts", type=int, default=256)
+        p.add_argument("--max-tokens", type=int, default=256)
+        p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+        p.add_argument("--kv-cache-gib", type=float, default=None)
+        p.add_argument("--enforce-eager", action="store_true")
+        p.add_argument("--out", default=None)
+    p = sub.add_parser("pipeline", help="sync vs async runs, standalone limits, weight sync, TRL; Hydra overrides after the options")
+    p.add_argument("--max-staleness", type=int, default=4, help="eta of the asynchronous run (the synchronous one has 0)")
+    p.add_argument("--trainer-steps", type=int, default=3, help="timed steps of the standalone trainer")
+    p.add_argument("--repeats", type=int, default=5, help="bare transfers timed")
+    p.add_argument("--trl-generation", choices=["auto", "transformers", "vllm", "off"], default="auto",
+                   help="auto: TRL's colocated vLLM on GPU, transformers generate on CPU")
+    p.add_argument("--workdir", default="outputs/bench", help="run outputs (metrics.jsonl, accounting.json) go here")
+    p.add_argument("--out", default=None)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for scripts/train.py")
     args = ap.parse_args(argv)
-    result = transfer(args) if args.what == "transfer" else asyncio.run(_generate(args))
-    import torch
+    args.argv = argv
+    if args.what == "pipeline":
+        result = pipeline(args)
+        log.info("%s", _table(result))
+    else:
+        result = transfer(args) if args.what == "transfer" else asyncio.run(_generate(args))
+        import torch
 
-    result.update({"model_dir": os.path.basename(os.path.normpath(args.model_dir)), "dtype": args.dtype,
-                   "torch": torch.__version__, "host": platform.node(),
-                   "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()})
-    log.info(json.dumps(result))
+        result.update({"model_dir": os.path.basename(os.path.normpath(args.model_dir)), "dtype": args.dtype,
+                       "torch": torch.__version__, "host": platform.node(),
+                       "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()})
+        log.info(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -37,3 +37,12 @@ def test_too_many_questions_is_a_clear_error():
 ])
 def test_last_integer_reward(response, answer, reward):
     assert last_integer_reward(response, answer) == reward
+
+
+def test_text_hash_reward_is_fixed_by_the_text_and_spread_over_0_1():
+    from rewards.text_hash import text_hash_reward
+
+    assert text_hash_reward("abc", "1") == text_hash_reward("abc", "2")  # the answer is ignored
+    rewards = [text_hash_reward(f"response {i}", "") for i in range(1000)]
+    assert all(0 <= r < 1 for r in rewards) and len(set(rewards)) == 1000
+    assert 0.45 < sum(rewards) / len(rewards) < 0.55  # uniform-looking: mean ~ 0.5
