@@ -141,6 +141,7 @@ class WeightSyncConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false = no checkpoints at all (benchmarks); a run then cannot be resumed
     every_steps: int = 20  # 0 = only at the end; each holds weights (LoRA: adapters), optimizer, data cursor, RNG
     keep_last: int = 1  # older checkpoints are deleted
     resume: str = "auto"  # auto = continue the latest complete checkpoint in output_dir | never | <checkpoint dir>

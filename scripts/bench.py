@@ -91,9 +91,10 @@ async def _generate(args) -> dict:
 REPO = Path(__file__).resolve().parent.parent
 # Added before the user's overrides (which win). text_hash: every group gets distinct rewards, so every
 # trajectory is trained on; a sparse task reward on forced-length responses would leave most groups all-0
-# and the trainer (which skips zero-advantage trajectories) nearly idle.
+# and the trainer (which skips zero-advantage trajectories) nearly idle. No checkpoints or export: they
+# are not part of what is compared (TRL writes none either).
 PIPELINE_DEFAULTS = ["logger.wandb.mode=disabled", "logger.progress=false", "logger.sample_every=0",
-                     "task.reward=text_hash"]
+                     "task.reward=text_hash", "checkpoint.enabled=false", "checkpoint.export_hf=false"]
 TIME_KEYS = ("time/step_s", "time/rollout_wait_s", "time/train_s", "time/weight_sync_s")
 
 
@@ -469,14 +470,22 @@ def pipeline(args) -> dict:
                           "rollout.forced_length_median=256 rollout.forced_length_max=2048 rollout.max_new_tokens=2048")
     if cfg.trainer.group_size < 2:
         raise ConfigError(f"trainer.group_size={cfg.trainer.group_size} must be >= 2 for the benchmark (GRPO in TRL needs 2)")
-    systems = {name: _tether(c) for name, c in cfgs.items()}  # each run validates its config first
+    systems: dict = {}
+
+    def done(name: str, result) -> None:  # each result is kept as it comes: a killed run still leaves them
+        systems[name] = result
+        if args.out:
+            Path(args.out + ".partial").write_text(json.dumps(systems, indent=1))
+
+    for name, c in cfgs.items():
+        done(name, _tether(c))  # each run validates its config first
     model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
     layout = _layout(cfg)  # Ray is up: the runs connected
     num_prompts = len(build_task(cfg.task).train)
-    systems["standalone_generation"] = _standalone_generation(cfg, model_dir, layout, num_prompts)
-    systems["standalone_trainer"] = _standalone_trainer(cfg, model_dir, layout, args.trainer_steps)
-    systems["bare_transfer"] = _bare_transfer(cfg, layout, systems["tether_async"]["weight_sync_bytes"], args.repeats)
-    systems["trl"] = "off" if args.trl_generation == "off" else _trl(cfg, model_dir, workdir, args.trl_generation)
+    done("standalone_generation", _standalone_generation(cfg, model_dir, layout, num_prompts))
+    done("standalone_trainer", _standalone_trainer(cfg, model_dir, layout, args.trainer_steps))
+    done("bare_transfer", _bare_transfer(cfg, layout, systems["tether_async"]["weight_sync_bytes"], args.repeats))
+    done("trl", "off" if args.trl_generation == "off" else _trl(cfg, model_dir, workdir, args.trl_generation))
     effective = {k: systems[k]["effective_tokens_per_s"] for k in ("tether_sync", "tether_async", "trl")
                  if isinstance(systems[k], dict)}
     return {"kind": "pipeline", "command": " ".join(["python", "scripts/bench.py", *args.argv]),
@@ -547,6 +556,7 @@ def main(argv=None) -> int:
         log.info(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out + ".partial").unlink(missing_ok=True)
     return 0
 
 

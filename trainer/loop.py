@@ -278,7 +278,8 @@ class Run:
             batch_ref = ray.put(batch)  # one copy in the object store, read by every trainer rank
             metrics = self._all_trainers("train_step", batch_ref)
             give_up = metrics["train/skipped_in_a_row"] >= cfg.trainer.max_skipped_steps
-            save = give_up or step == cfg.trainer.max_steps or bool(ck.every_steps and step % ck.every_steps == 0)
+            save = ck.enabled and (give_up or step == cfg.trainer.max_steps
+                                   or bool(ck.every_steps and step % ck.every_steps == 0))
             pub = self.publish(step, save=save)
             step_s = time.perf_counter() - t0
             tokens = sum(t.num_tokens for t in trained)
@@ -314,9 +315,10 @@ class Run:
             if give_up:
                 raise TrainingDiverged(
                     f"{metrics['train/skipped_in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}); stopped after step {step}. The "
-                    f"checkpoint in {checkpoint.root(self.output_dir)} holds the last finite weights: lower "
-                    f"trainer.lr or raise trainer.grad_clip, then resume with checkpoint.resume=auto")
+                    f"(trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}); stopped after step {step}. "
+                    + (f"The checkpoint in {checkpoint.root(self.output_dir)} holds the last finite weights: " if save
+                       else "No checkpoint was written (checkpoint.enabled=false): ")
+                    + "lower trainer.lr or raise trainer.grad_clip, then resume with checkpoint.resume=auto")
         train_time = time.perf_counter() - t_start
         ray.get(self.service.stop.remote())
         ray.get([w.stop.remote() for w in self.workers])

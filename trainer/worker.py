@@ -72,6 +72,8 @@ class TrainerWorker:
             self.lora_scale = lora.scalings(self.model)
         self.model.train()
         self.sync_dtype = getattr(torch, cfg.model.dtype)
+        # on GPU, forward/backward in model.dtype (autocast) over the fp32 master weights
+        self.autocast = self.device.type == "cuda" and self.sync_dtype != torch.float32
         self.hparams = effective_hparams(cfg)  # batch-size invariance derives these from the reference
         self.adv_norm = EWMANormalizer(self.hparams["adv_norm_span"]) if self.hparams["adv_norm_span"] else None
         self.group = None
@@ -200,8 +202,9 @@ class TrainerWorker:
         temperature. Only response positions go through the LM head (`logits_to_keep`)."""
         model = model or self.model
         T = tb["targets"].shape[1]
-        out = model(input_ids=tb["ids"], attention_mask=tb["attn"], position_ids=tb["positions"],
-                    logits_to_keep=T + 1, use_cache=False)
+        with torch.autocast(self.device.type, dtype=self.sync_dtype, enabled=self.autocast):
+            out = model(input_ids=tb["ids"], attention_mask=tb["attn"], position_ids=tb["positions"],
+                        logits_to_keep=T + 1, use_cache=False)
         logits = out.logits[:, :-1].float() / self.cfg.rollout.temperature  # (B, T, V)
         logp = token_logprobs(logits, tb["targets"])  # (B, T)
         entropy = entropy_from_logits(logits.detach()) if with_entropy else None
