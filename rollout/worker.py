@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import uuid
 import zlib
 from dataclasses import replace
 
@@ -71,7 +73,12 @@ class RolloutWorker:
         self._inflight = 0
         self._stopping = False
         self._loops: list[asyncio.Task] = []
+        self.incarnation = uuid.uuid4().hex  # a restarted actor (same handle, new process) gets a new one
         self.stats = {"interrupted": 0, "generated_tokens": 0, "gen_time_s": 0.0, "reward_errors": 0, "groups": 0}
+
+    async def ping(self) -> dict:
+        """Liveness and identity: the driver compares `incarnation` to spot a restart."""
+        return {"incarnation": self.incarnation, "pid": os.getpid(), "started": self.engine is not None}
 
     async def start(self) -> None:
         """Build the engine (seconds for HF, tens of seconds for vLLM)."""
@@ -224,7 +231,7 @@ class RolloutWorker:
     async def _loop(self) -> None:
         g = self.cfg.trainer.group_size
         while not self._stopping:
-            ticket = await self.service.acquire.remote(g)
+            ticket = await self.service.acquire.remote(g, self.index)
             if ticket is None:  # the service stopped admitting: the run is ending
                 return
             try:

@@ -38,6 +38,7 @@ class StalenessService:
         self.cursor = 0  # prompts drawn from the shuffled order so far, over all epochs
         self.next_seq = 0  # ticket number of the next admitted group (its id and sampling seed)
         self._outstanding: dict[int, int] = {}  # seq -> prompt index of groups admitted, not yet consumed/dropped
+        self._running: dict[int, tuple[int, int]] = {}  # seq -> (worker, n) of groups still generating
         self._requeued: list[int] = []  # prompts of groups un-admitted by a restore, handed out first
         self.requeued_total = 0
         self._order: list[int] = []
@@ -59,8 +60,9 @@ class StalenessService:
         self.cursor += 1
         return self._order[pos]
 
-    async def acquire(self, n: int) -> dict | None:
-        """Wait for admission of a group of n rollouts; None once the service stopped."""
+    async def acquire(self, n: int, worker: int) -> dict | None:
+        """Wait for admission of a group of n rollouts for rollout worker `worker`; None once the
+        service stopped."""
         cond = self._condition()
         async with cond:
             await cond.wait_for(lambda: self._stopped or self.ctl.can_admit(n))
@@ -70,6 +72,7 @@ class StalenessService:
             seq, self.next_seq = self.next_seq, self.next_seq + 1
             prompt = self._requeued.pop(0) if self._requeued else self._next_prompt()
             self._outstanding[seq] = prompt
+            self._running[seq] = (worker, n)
             return {"seq": seq, "prompt_index": prompt, "version": self.ctl.version}
 
     async def put(self, group: list[Trajectory]) -> None:
@@ -77,6 +80,10 @@ class StalenessService:
         the admitted rollouts (it is never trained on), so it is not counted."""
         cond = self._condition()
         async with cond:
+            if self._running.pop(int(group[0].group_id), None) is None:
+                log.warning("group %s arrived after its worker was declared lost; it was counted as dropped "
+                            "(worker_lost) and its prompt re-issued, so it is discarded", group[0].group_id)
+                return
             self.ctl.finish(_trained(group))
             self._buffer.append(group)
             cond.notify_all()
@@ -84,9 +91,26 @@ class StalenessService:
     async def drop(self, n: int, reason: str, seq: int) -> None:
         cond = self._condition()
         async with cond:
+            if self._running.pop(seq, None) is None:
+                return  # already dropped as worker_lost
             self._outstanding.pop(seq, None)
             self.ctl.drop_running(n, reason)
             cond.notify_all()
+
+    async def worker_lost(self, worker: int) -> int:
+        """A rollout worker died: its running groups are dropped (reason worker_lost) and their prompts
+        handed out again first. Its finished groups stay in the buffer. Returns the rollouts dropped."""
+        cond = self._condition()
+        async with cond:
+            lost = sorted(seq for seq, (w, _) in self._running.items() if w == worker)
+            dropped = 0
+            for seq in lost:
+                _, n = self._running.pop(seq)
+                self._requeued.append(self._outstanding.pop(seq))
+                self.ctl.drop_running(n, "worker_lost")
+                dropped += n
+            cond.notify_all()
+            return dropped
 
     async def get_batch(self, n: int) -> list[Trajectory]:
         """The next n trajectories (whole groups, oldest first). A group whose lag would exceed
@@ -158,7 +182,8 @@ class StalenessService:
         self._requeued = list(snap["requeued"]) + list(snap["outstanding"])
         self.requeued_total = snap["requeued_total"] + len(snap["outstanding"])
         self._outstanding = {}
+        self._running = {}
 
     async def state(self) -> dict:
-        return {"version": self.ctl.version, "admitted": self.ctl.admitted, "running": self.ctl.running,
+        return {"version": self.ctl.version, "paused": self.ctl.paused, "admitted": self.ctl.admitted, "running": self.ctl.running,
                 "buffered": self.ctl.buffered, "dropped": sum(self.ctl.dropped.values())}

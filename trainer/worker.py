@@ -148,7 +148,13 @@ class TrainerWorker:
         tensors, metas = self._sync_tensors()
         if self.rank != 0:
             return None
-        sent = broadcast_send(self.group, tensors, metas, self.cfg.weight_sync.bucket_mb << 20)
+        try:
+            sent = broadcast_send(self.group, tensors, metas, self.cfg.weight_sync.bucket_mb << 20)
+        except Exception:
+            # a receiver died or hung: close this end, so the other receivers fail now instead of
+            # waiting out the timeout; the driver rebuilds the group
+            self.group = None
+            raise
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return {"bytes": sent, "seconds": time.perf_counter() - t0}

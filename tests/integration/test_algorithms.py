@@ -20,7 +20,7 @@ class _OneTicketService:
         self.handed = False
         self.groups = []
 
-    async def acquire(self, n):
+    async def acquire(self, n, worker):
         if self.handed:
             return None  # no more admissions: the worker's loop ends
         self.handed = True

@@ -14,7 +14,7 @@ def _group(ticket, n):
 def test_restore_requeues_outstanding_prompts_and_keeps_the_identity():
     async def scenario():
         svc = StalenessService(batch_size=4, max_staleness=2, max_running=None, num_prompts=10, seed=3)
-        tickets = [await svc.acquire(2) for _ in range(5)]  # 10 admitted
+        tickets = [await svc.acquire(2, 0) for _ in range(5)]  # 10 admitted
         for t in tickets[:3]:
             await svc.put(_group(t, 2))
         await svc.get_batch(4)  # groups 0 and 1 consumed; 2 buffered; 3 and 4 running
@@ -27,13 +27,13 @@ def test_restore_requeues_outstanding_prompts_and_keeps_the_identity():
         acc = await fresh.accounting()
         assert acc["identity_holds"] and acc["in_flight"] == 0
         assert acc["admitted"] == 6 and acc["consumed"] == 4 and acc["dropped"] == {"error": 2}
-        again = [await fresh.acquire(2) for _ in range(3)]
+        again = [await fresh.acquire(2, 0) for _ in range(3)]
         # groups 2 (buffered) and 3 (running) come back first, under new ticket numbers; then new data
         assert [t["prompt_index"] for t in again[:2]] == [tickets[2]["prompt_index"], tickets[3]["prompt_index"]]
         assert [t["seq"] for t in again] == [5, 6, 7]
         # the next new prompt is the one the uninterrupted service would have drawn next
         await svc.resume()
-        assert again[2]["prompt_index"] == (await svc.acquire(2))["prompt_index"]
+        assert again[2]["prompt_index"] == (await svc.acquire(2, 0))["prompt_index"]
         assert (await fresh.accounting())["requeued_on_resume"] == 2
 
     asyncio.run(scenario())

@@ -1,0 +1,147 @@
+"""Faults during a real run (real Ray, gloo weight sync, transformers engines on the tiny model):
+rollout worker processes killed from outside, a weight-sync peer that stops answering, NaN losses."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from tests.conftest import compose
+
+COMMON = ["model=tiny", "rollout.engine=hf", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
+          "rollout.max_new_tokens=8", "rewards.num_workers=1", "task.num_eval=4", "eval.max_new_tokens=4",
+          "trainer.batch_size=8", "trainer.group_size=4", "trainer.micro_batch_size=4",
+          "logger.wandb.mode=disabled", "logger.progress=false", "checkpoint.export_hf=false"]
+
+
+def _rows(out):
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _actor(name, deadline):
+    while time.monotonic() < deadline:
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            time.sleep(0.2)
+    raise TimeoutError(name)
+
+
+def _wait(predicate, deadline, what):
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise TimeoutError(what)
+
+
+def _in_publish(service):
+    return lambda: ray.get(service.state.remote())["paused"]
+
+
+class _Background:
+    """run(cfg) in a thread; the test injects faults meanwhile."""
+
+    def __init__(self, cfg):
+        from trainer.loop import run
+
+        self.result, self.error = None, None
+
+        def target():
+            try:
+                self.result = run(cfg)
+            except BaseException as e:  # noqa: BLE001 - handed to the test
+                self.error = e
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the run did not finish"
+
+
+def test_chaos_killed_rollout_workers_are_restarted_and_resynced(tmp_path, ray_local, tiny_model_dir):
+    out = tmp_path / "run"
+    run_id = str(out.resolve())
+    bg = _Background(compose([
+        *COMMON, "rollout.num_workers=2", "staleness.max_staleness=2", "trainer.max_steps=8",
+        "rollout.max_restarts=3", "weight_sync.verify=true", "weight_sync.timeout_s=60", f"output_dir={out}",
+    ]))
+    deadline = time.monotonic() + 400
+    service = _actor(f"tether:staleness:{run_id}", deadline)
+    workers = [_actor(f"tether:rollout:{i}:{run_id}", deadline) for i in range(2)]
+
+    # fault 1: worker 0's process, while it generates (after the first step)
+    _wait(lambda: len(_rows(out)) >= 1, deadline, "step 1")
+    os.kill(ray.get(workers[0].ping.remote())["pid"], signal.SIGKILL)
+    # fault 2: worker 1's process, while a weight sync is in progress (admission paused for a publish)
+    _wait(lambda: len(_rows(out)) >= 4, deadline, "step 4")
+    pid = ray.get(workers[1].ping.remote())["pid"]
+    _wait(_in_publish(service), deadline, "a publish")
+    os.kill(pid, signal.SIGKILL)
+
+    bg.join(timeout=max(deadline - time.monotonic(), 1))
+    if bg.error is not None:
+        raise bg.error
+    summary = bg.result
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    faults = summary["faults"]
+    assert faults["worker_restarts"] == 2
+    # a restarted engine is verified bitwise against the trainer before it samples again
+    assert faults["recovery_publishes_verified"] == 2
+    acc = json.loads((out / "accounting.json").read_text())
+    assert acc["identity_holds"]
+    assert acc["admitted"] == acc["consumed"] + acc["dropped_total"] + acc["in_flight"]
+    assert acc["dropped"].get("worker_lost", 0) == faults["rollouts_dropped_worker_lost"]
+    assert acc["consumed"] == 8 * 8  # the service refuses to hand out any trajectory twice
+
+
+def test_hung_weight_sync_peer_fails_within_the_timeout_naming_it(tmp_path, ray_local, tiny_model_dir):
+    from trainer.loop import WeightSyncTimeout
+
+    out = tmp_path / "run"
+    run_id = str(out.resolve())
+    timeout_s = 8
+    bg = _Background(compose([
+        *COMMON, "rollout.num_workers=1", "staleness.max_staleness=1", "trainer.max_steps=50",
+        "weight_sync.verify=true", f"weight_sync.timeout_s={timeout_s}", f"output_dir={out}",
+    ]))
+    deadline = time.monotonic() + 300
+    service = _actor(f"tether:staleness:{run_id}", deadline)
+    worker = _actor(f"tether:rollout:0:{run_id}", deadline)
+    _wait(lambda: len(_rows(out)) >= 1, deadline, "step 1")
+    pid = ray.get(worker.ping.remote())["pid"]
+    _wait(_in_publish(service), deadline, "a publish")
+    os.kill(pid, signal.SIGSTOP)  # alive, never answers
+    stopped = time.monotonic()
+    try:
+        bg.join(timeout=120)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert isinstance(bg.error, WeightSyncTimeout), bg.error
+    assert f"rollout worker 0 (pid {pid})" in str(bg.error) and f"weight_sync.timeout_s={timeout_s}" in str(bg.error)
+    assert time.monotonic() - stopped < timeout_s + 30  # the timeout, plus one ping, plus shutting down
+
+
+def test_nan_loss_is_skipped_and_counted_then_stops_after_max_skipped(tmp_path, ray_local, tiny_model_dir):
+    from trainer.loop import TrainingDiverged, run
+
+    out = tmp_path / "one"
+    run(compose([*COMMON, "trainer.max_steps=3", "trainer.inject_nan_steps=[2]", "task.reward=text_hash",
+                 f"output_dir={out}"]))
+    assert [r["train/skipped_steps"] for r in _rows(out)] == [0, 1, 0]
+    assert all(r["policy_version"] == r["step"] for r in _rows(out))  # a skipped step still publishes
+
+    out = tmp_path / "many"
+    with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row .*\(trainer.max_skipped_steps=2\)"):
+        run(compose([*COMMON, "trainer.max_steps=6", "trainer.inject_nan_steps=[2,3,4]",
+                     "trainer.max_skipped_steps=2", "task.reward=text_hash", f"output_dir={out}"]))
+    assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
