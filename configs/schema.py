@@ -326,6 +326,8 @@ def validate(cfg) -> None:
     _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, "must be >= 0 (0 = only at the end)")
     _check(ck.keep_last >= 1, "checkpoint.keep_last", ck.keep_last, "must be >= 1")
     _check(bool(ck.resume), "checkpoint.resume", ck.resume, "must be auto, never or a checkpoint directory")
+    _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", cfg.eval.max_new_tokens, "must be >= 1")
+    _choice("logger.log_level", cfg.logger.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "must be >= 0 (0 = start and end only)")
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, (None, "online", "offline", "disabled"))
     _check(cfg.logger.sample_every >= 0, "logger.sample_every", cfg.logger.sample_every, "must be >= 0 (0 = never)")

@@ -37,3 +37,19 @@ def test_restore_requeues_outstanding_prompts_and_keeps_the_identity():
         assert (await fresh.accounting())["requeued_on_resume"] == 2
 
     asyncio.run(scenario())
+
+
+def test_worker_lost_drops_its_running_groups_and_reissues_their_prompts():
+    async def scenario():
+        svc = StalenessService(batch_size=4, max_staleness=3, max_running=None, num_prompts=10, seed=0)
+        a0, b0, a1 = await svc.acquire(2, 0), await svc.acquire(2, 1), await svc.acquire(2, 0)
+        await svc.put(_group(a0, 2))  # worker 0 finished one group before dying
+        assert await svc.worker_lost(0) == 2  # a1 was running on worker 0
+        acc = await svc.accounting()
+        assert acc["dropped"] == {"worker_lost": 2} and acc["identity_holds"]
+        await svc.put(_group(a1, 2))  # a late result of the lost group is discarded, not counted twice
+        assert (await svc.accounting())["buffered"] == 2
+        again = await svc.acquire(2, 1)
+        assert again["prompt_index"] == a1["prompt_index"] and again["seq"] not in (a0["seq"], b0["seq"], a1["seq"])
+
+    asyncio.run(scenario())
