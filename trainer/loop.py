@@ -128,10 +128,14 @@ class Run:
         # actors are named after the run (its output directory): `ray.get_actor` finds them, and a
         # second run writing to the same directory fails here instead of mixing outputs
         self.run_id = str(self.output_dir.resolve())
-        self.service = ray.remote(StalenessService).options(num_cpus=0, name=f"tether:staleness:{self.run_id}").remote(
-            cfg.trainer.batch_size, cfg.staleness.max_staleness, cfg.staleness.max_running,
-            len(task.train), cfg.seed,
-        )
+        try:
+            self.service = ray.remote(StalenessService).options(num_cpus=0, name=f"tether:staleness:{self.run_id}").remote(
+                cfg.trainer.batch_size, cfg.staleness.max_staleness, cfg.staleness.max_running,
+                len(task.train), cfg.seed,
+            )
+        except ValueError as e:  # the name is taken
+            raise ConfigError(f"output_dir={cfg.output_dir!r} is being written by another run on this Ray cluster "
+                              f"({e}); give this run its own output_dir") from None
         # one placement group per actor: an engine's GPUs (its tensor-parallel group) and CPUs are
         # reserved together on one node, and an unsatisfiable request fails here, before any work
         t = cfg.trainer
