@@ -52,23 +52,34 @@ def is_adapter(name: str) -> bool:
 
 
 def merge(named: Iterable[tuple[str, torch.Tensor]], scale: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(base name, merged tensor) for every base parameter; adapters are folded into their layer.
+    """(base name, merged tensor) for every base parameter, in the base model's order; adapters are
+    folded into their layer.
 
     `named` yields the PEFT model's parameters (full tensors) in module order: a layer's base weight
-    comes before its lora_A and lora_B, so the base weight is held until both have been seen."""
-    pending: dict[str, torch.Tensor] = {}  # module -> base weight waiting for its adapter
+    (and bias) come before its lora_A and lora_B, so the weight waits for both, and everything after
+    it waits too, keeping the order the receivers were told (`param_metas`)."""
+    queue: list[list] = []  # [base name, tensor or None while waiting for the adapter]
+    waiting: dict[str, list] = {}  # module -> its queue entry
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in named:
         if not is_adapter(name):
             bname = base_name(name)
             module = bname.removesuffix(".weight")
+            entry = [bname, t]
             if bname.endswith(".weight") and module in scale:
-                pending[module] = t
-            else:
-                yield bname, t
-            continue
-        module = base_name(name.split(".lora_")[0] + ".weight").removesuffix(".weight")
-        parts.setdefault(module, {})["A" if ".lora_A." in name else "B"] = t
-        if len(parts[module]) == 2:
-            ab, w = parts.pop(module), pending.pop(module)
-            yield module + ".weight", w + scale[module] * (ab["B"].to(w.dtype) @ ab["A"].to(w.dtype))  # (out, in)
+                entry.append(t)  # the base weight, kept until the merge
+                entry[1] = None
+                waiting[module] = entry
+            queue.append(entry)
+        else:
+            module = base_name(name.split(".lora_")[0] + ".weight").removesuffix(".weight")
+            parts.setdefault(module, {})["A" if ".lora_A." in name else "B"] = t
+            if len(parts[module]) == 2:
+                ab, entry = parts.pop(module), waiting.pop(module)
+                w = entry.pop()
+                entry[1] = w + scale[module] * (ab["B"].to(w.dtype) @ ab["A"].to(w.dtype))  # (out, in)
+        while queue and queue[0][1] is not None:
+            bname, t = queue.pop(0)[:2]
+            yield bname, t
+    if queue or waiting:
+        raise RuntimeError(f"LoRA merge: adapters missing for {sorted(waiting)}")
