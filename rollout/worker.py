@@ -231,7 +231,7 @@ class RolloutWorker:
     async def _loop(self) -> None:
         g = self.cfg.trainer.group_size
         while not self._stopping:
-            ticket = await self.service.acquire.remote(g, self.index)
+            ticket = await self.service.acquire.remote(g, self.incarnation)
             if ticket is None:  # the service stopped admitting: the run is ending
                 return
             try:

@@ -38,7 +38,8 @@ class StalenessService:
         self.cursor = 0  # prompts drawn from the shuffled order so far, over all epochs
         self.next_seq = 0  # ticket number of the next admitted group (its id and sampling seed)
         self._outstanding: dict[int, int] = {}  # seq -> prompt index of groups admitted, not yet consumed/dropped
-        self._running: dict[int, tuple[int, int]] = {}  # seq -> (worker, n) of groups still generating
+        self._running: dict[int, tuple[str, int]] = {}  # seq -> (worker incarnation, n) of groups still generating
+        self._lost: set[str] = set()  # incarnations of rollout workers that died
         self._requeued: list[int] = []  # prompts of groups un-admitted by a restore, handed out first
         self.requeued_total = 0
         self._order: list[int] = []
@@ -60,13 +61,14 @@ class StalenessService:
         self.cursor += 1
         return self._order[pos]
 
-    async def acquire(self, n: int, worker: int) -> dict | None:
-        """Wait for admission of a group of n rollouts for rollout worker `worker`; None once the
-        service stopped."""
+    async def acquire(self, n: int, worker: str) -> dict | None:
+        """Wait for admission of a group of n rollouts for the rollout worker incarnation `worker`;
+        None once the service stopped (or that worker was declared lost while it waited: a
+        request from a dead process must not admit anything)."""
         cond = self._condition()
         async with cond:
-            await cond.wait_for(lambda: self._stopped or self.ctl.can_admit(n))
-            if self._stopped:
+            await cond.wait_for(lambda: self._stopped or worker in self._lost or self.ctl.can_admit(n))
+            if self._stopped or worker in self._lost:
                 return None
             self.ctl.admit(n)
             seq, self.next_seq = self.next_seq, self.next_seq + 1
@@ -97,11 +99,13 @@ class StalenessService:
             self.ctl.drop_running(n, reason)
             cond.notify_all()
 
-    async def worker_lost(self, worker: int) -> int:
-        """A rollout worker died: its running groups are dropped (reason worker_lost) and their prompts
-        handed out again first. Its finished groups stay in the buffer. Returns the rollouts dropped."""
+    async def worker_lost(self, worker: str) -> int:
+        """A rollout worker (incarnation) died: its running groups are dropped (reason worker_lost) and
+        their prompts handed out again first; its finished groups stay in the buffer; admissions it
+        was still waiting for are refused. Returns the rollouts dropped."""
         cond = self._condition()
         async with cond:
+            self._lost.add(worker)
             lost = sorted(seq for seq, (w, _) in self._running.items() if w == worker)
             dropped = 0
             for seq in lost:

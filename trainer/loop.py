@@ -309,7 +309,7 @@ class Run:
 
     def _recover(self, lost: list[int], version: int) -> tuple[int, dict]:
         for i in lost:
-            dropped = ray.get(self.service.worker_lost.remote(i))
+            dropped = ray.get(self.service.worker_lost.remote(self.incarnations[i]))
             self.faults["rollouts_dropped_worker_lost"] += dropped
             log.warning("rollout worker %d lost: %d running rollouts dropped (worker_lost), prompts re-issued; "
                         "waiting for Ray to restart it", i, dropped)

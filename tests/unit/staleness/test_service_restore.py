@@ -14,7 +14,7 @@ def _group(ticket, n):
 def test_restore_requeues_outstanding_prompts_and_keeps_the_identity():
     async def scenario():
         svc = StalenessService(batch_size=4, max_staleness=2, max_running=None, num_prompts=10, seed=3)
-        tickets = [await svc.acquire(2, 0) for _ in range(5)]  # 10 admitted
+        tickets = [await svc.acquire(2, "w0") for _ in range(5)]  # 10 admitted
         for t in tickets[:3]:
             await svc.put(_group(t, 2))
         await svc.get_batch(4)  # groups 0 and 1 consumed; 2 buffered; 3 and 4 running
@@ -27,13 +27,13 @@ def test_restore_requeues_outstanding_prompts_and_keeps_the_identity():
         acc = await fresh.accounting()
         assert acc["identity_holds"] and acc["in_flight"] == 0
         assert acc["admitted"] == 6 and acc["consumed"] == 4 and acc["dropped"] == {"error": 2}
-        again = [await fresh.acquire(2, 0) for _ in range(3)]
+        again = [await fresh.acquire(2, "w0") for _ in range(3)]
         # groups 2 (buffered) and 3 (running) come back first, under new ticket numbers; then new data
         assert [t["prompt_index"] for t in again[:2]] == [tickets[2]["prompt_index"], tickets[3]["prompt_index"]]
         assert [t["seq"] for t in again] == [5, 6, 7]
         # the next new prompt is the one the uninterrupted service would have drawn next
         await svc.resume()
-        assert again[2]["prompt_index"] == (await svc.acquire(2, 0))["prompt_index"]
+        assert again[2]["prompt_index"] == (await svc.acquire(2, "w0"))["prompt_index"]
         assert (await fresh.accounting())["requeued_on_resume"] == 2
 
     asyncio.run(scenario())
@@ -42,14 +42,15 @@ def test_restore_requeues_outstanding_prompts_and_keeps_the_identity():
 def test_worker_lost_drops_its_running_groups_and_reissues_their_prompts():
     async def scenario():
         svc = StalenessService(batch_size=4, max_staleness=3, max_running=None, num_prompts=10, seed=0)
-        a0, b0, a1 = await svc.acquire(2, 0), await svc.acquire(2, 1), await svc.acquire(2, 0)
+        a0, b0, a1 = await svc.acquire(2, "w0"), await svc.acquire(2, "w1"), await svc.acquire(2, "w0")
         await svc.put(_group(a0, 2))  # worker 0 finished one group before dying
-        assert await svc.worker_lost(0) == 2  # a1 was running on worker 0
+        assert await svc.worker_lost("w0") == 2  # a1 was running on worker 0
         acc = await svc.accounting()
         assert acc["dropped"] == {"worker_lost": 2} and acc["identity_holds"]
         await svc.put(_group(a1, 2))  # a late result of the lost group is discarded, not counted twice
         assert (await svc.accounting())["buffered"] == 2
-        again = await svc.acquire(2, 1)
+        again = await svc.acquire(2, "w1")
         assert again["prompt_index"] == a1["prompt_index"] and again["seq"] not in (a0["seq"], b0["seq"], a1["seq"])
+        assert await svc.acquire(2, "w0") is None  # a request from the dead process admits nothing
 
     asyncio.run(scenario())
