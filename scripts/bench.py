@@ -118,10 +118,9 @@ def _num_groups(cfg) -> int:
 
 def _prompt_order(cfg, num_prompts: int, n: int) -> list[int]:
     """The first n prompt indices of a run's data cursor: group `seq` of the run gets prompt order[seq]."""
-    from staleness.service import StalenessService
+    from staleness.service import prompt_order
 
-    cursor = StalenessService(cfg.trainer.batch_size, 0, None, num_prompts, cfg.seed)
-    return [cursor._next_prompt() for _ in range(n)]
+    return prompt_order(num_prompts, cfg.seed, n)
 
 
 def _tether(cfg) -> dict:

@@ -24,6 +24,23 @@ from staleness.controller import StalenessController
 log = logging.getLogger(__name__)
 
 
+def epoch_order(num_prompts: int, seed: int, epoch: int) -> list[int]:
+    """The seeded order in which one epoch hands out the prompts."""
+    order = list(range(num_prompts))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def prompt_order(num_prompts: int, seed: int, n: int) -> list[int]:
+    """The first n prompts a run hands out (its data cursor from the start), over epochs."""
+    out: list[int] = []
+    epoch = 0
+    while len(out) < n:
+        out += epoch_order(num_prompts, seed, epoch)
+        epoch += 1
+    return out[:n]
+
+
 def _trained(trajs: list[Trajectory]) -> int:
     return sum(not t.is_baseline for t in trajs)
 
@@ -56,8 +73,7 @@ class StalenessService:
     def _next_prompt(self) -> int:
         epoch, pos = divmod(self.cursor, self.num_prompts)
         if pos == 0 or not self._order:
-            self._order = list(range(self.num_prompts))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            self._order = epoch_order(self.num_prompts, self.seed, epoch)
         self.cursor += 1
         return self._order[pos]
 

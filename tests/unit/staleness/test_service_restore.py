@@ -54,3 +54,13 @@ def test_worker_lost_drops_its_running_groups_and_reissues_their_prompts():
         assert await svc.acquire(2, "w0") is None  # a request from the dead process admits nothing
 
     asyncio.run(scenario())
+
+
+def test_prompt_order_is_what_the_service_hands_out():
+    from staleness.service import prompt_order
+
+    async def scenario():
+        svc = StalenessService(batch_size=4, max_staleness=100, max_running=None, num_prompts=5, seed=7)
+        return [(await svc.acquire(1, "w"))["prompt_index"] for _ in range(12)]  # over three epochs
+
+    assert asyncio.run(scenario()) == prompt_order(5, 7, 12)
