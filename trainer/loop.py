@@ -243,7 +243,15 @@ class Run:
         self.version = version
         if save:  # admission is paused: the data cursor and counters are consistent
             self.save_checkpoint(version)
-        ray.get([w.end_publish.remote() for w in self.workers])
+        try:
+            ray.get([w.end_publish.remote() for w in self.workers])
+        except ray.exceptions.RayActorError:  # died after loading the weights, before sampling again
+            late = self._lost_workers()
+            if not late:
+                raise
+            self._recover(late, version)
+            ray.get([w.end_publish.remote() for w in self.workers])
+            lost = sorted({*(lost or []), *late})
         ray.get(self.service.resume.remote())
         if lost:
             ray.get([self.workers[i].run.remote() for i in lost])  # generation resumes under verified weights
