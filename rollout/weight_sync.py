@@ -61,6 +61,17 @@ def plan_buckets(metas: list[ParamMeta], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
+def free_address() -> tuple[str, int]:
+    """This node's address and a free TCP port: where a group's rank 0 hosts its store."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
 def make_group(
     backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float
 ) -> dist.ProcessGroup:
@@ -193,18 +204,13 @@ class TransferProbe:
     no cast to the engine dtype, no packing of parameters, no loading into an engine. The
     physical limit a publish of the same bytes is compared with."""
 
-    def __init__(self) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs not assigned
+    def __init__(self, device: str | None = None) -> None:
+        # default: the GPU Ray assigned (it hides the others), else the CPU
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.group = None
 
     def address(self) -> tuple[str, int]:
-        import socket
-
-        import ray
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        return free_address()
 
     def join(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
         self.group = make_group(backend, host, port, rank, world_size, timeout_s)

@@ -44,23 +44,12 @@ def _model_bytes(model_dir: str, dtype: str) -> tuple[int, int]:
 
 def transfer(args) -> dict:
     """The colocated physical limit: one device-to-device copy of the weights' bytes (median of runs)."""
-    import torch
+    from rollout.weight_sync import TransferProbe
 
     params, nbytes = _model_bytes(args.model_dir, args.dtype)
-    device = torch.device(args.device)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(args.repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times[1:])  # the first copy pays for warm-up
-    return {"kind": "transfer", "route": f"{device.type} copy", "parameters": params, "bytes": nbytes,
+    probe = TransferProbe(args.device)
+    med = statistics.median(probe.copy(nbytes, args.repeats))  # after one warm-up copy
+    return {"kind": "transfer", "route": f"{probe.device.type} copy", "parameters": params, "bytes": nbytes,
             "seconds_median": med, "gib_per_s": nbytes / med / 2**30}
 
 

@@ -25,7 +25,6 @@ import logging
 import math
 import resource
 import shutil
-import socket
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rollout.trajectory import Trajectory
-from rollout.weight_sync import broadcast_send, fingerprint, ipc_pack, make_group, metas_of
+from rollout.weight_sync import broadcast_send, fingerprint, free_address, ipc_pack, make_group, metas_of
 from trainer import lora, parallel
 from trainer.advantages import EWMANormalizer, group_advantages
 from trainer.invariance import EWMAParams, effective_hparams
@@ -42,12 +41,6 @@ from trainer.losses import aggregate, entropy_from_logits, kl_penalty, policy_lo
 from trainer.parallel import full, local
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class TrainerWorker:
@@ -113,9 +106,7 @@ class TrainerWorker:
 
     # ---- weight sync (rank 0) ----------------------------------------------------------
     def sync_address(self) -> tuple[str, int]:
-        import ray
-
-        return ray.util.get_node_ip_address(), _free_port()
+        return free_address()
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
         self.group = make_group(backend, host, port, 0, world_size, timeout_s)
