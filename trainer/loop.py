@@ -28,6 +28,7 @@ from staleness.service import StalenessService
 from trainer import checkpoint
 from trainer.invariance import effective_hparams
 from trainer.monitor import Monitor, plot_run
+from trainer.parallel import uses_fsdp
 from trainer.worker import TrainerWorker
 
 log = logging.getLogger("tether")
@@ -178,7 +179,7 @@ class Run:
         ray.get([w.start.remote() for w in self.workers])  # engines up (vLLM: tens of seconds)
         infos = ray.get([w.ping.remote() for w in self.workers])
         self.incarnations, self.pids = [i["incarnation"] for i in infos], [i["pid"] for i in infos]
-        if len(self.trainers) > 1 or cfg.trainer.fsdp:
+        if uses_fsdp(cfg.trainer.fsdp, len(self.trainers)):
             host, port = ray.get(self.trainer.sync_address.remote())
             backend = "nccl" if self.layout["trainer_gpus"] > 0 else "gloo"
             self._all_trainers("init_group", host, port, backend)
@@ -282,13 +283,15 @@ class Run:
     def _lost_workers(self) -> list[int]:
         """Rollout workers that died or were restarted by Ray since we last set them up. A worker that
         does not answer at all is hung, not lost: that stops the run, naming it."""
+        refs = [w.ping.remote() for w in self.workers]  # all at once: one timeout for every worker
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
         lost, hung = [], []
-        for i, w in enumerate(self.workers):
-            try:
-                info = ray.get(w.ping.remote(), timeout=PING_TIMEOUT_S)
-            except ray.exceptions.GetTimeoutError:
+        for i, ref in enumerate(refs):
+            if ref in pending:
                 hung.append(self._name(i))
                 continue
+            try:
+                info = ray.get(ref)
             except ray.exceptions.RayActorError:
                 lost.append(i)
                 continue

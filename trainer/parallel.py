@@ -22,6 +22,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
+def uses_fsdp(fsdp: bool | None, world_size: int) -> bool:
+    """trainer.fsdp, or (unset) whether there is more than one trainer worker."""
+    return fsdp if fsdp is not None else world_size > 1
+
+
 def init_trainer_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
     if dist.is_initialized():
         raise RuntimeError("this trainer process already belongs to a torch.distributed group")

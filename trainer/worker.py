@@ -50,7 +50,7 @@ class TrainerWorker:
         logging.basicConfig(level=cfg.logger.log_level, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        self.fsdp = cfg.trainer.fsdp if cfg.trainer.fsdp is not None else world_size > 1
+        self.fsdp = parallel.uses_fsdp(cfg.trainer.fsdp, world_size)
         torch.manual_seed(cfg.seed)
         if cfg.trainer.torch_threads:
             torch.set_num_threads(cfg.trainer.torch_threads)
@@ -127,10 +127,9 @@ class TrainerWorker:
         """Every weight in the engine dtype, with the metadata the receivers need (rank 0; other
         ranks take part in the gathers and get nothing)."""
         names, tensors = [], []
-        for n, t in self._named_for_engine():
-            if self.rank == 0:
-                names.append(n)
-                tensors.append(t.to(self.sync_dtype))
+        for n, t in self._rank0_only(self._named_for_engine()):
+            names.append(n)
+            tensors.append(t.to(self.sync_dtype))
         return tensors, metas_of(zip(names, tensors))
 
     def publish(self) -> dict | None:
@@ -164,13 +163,17 @@ class TrainerWorker:
     def release_ipc(self) -> None:
         self._ipc_buffers = []
 
+    def _rank0_only(self, named):
+        """`named` on rank 0; elsewhere it is iterated (the gathers need every rank) and nothing kept."""
+        if self.rank == 0:
+            return named
+        for _ in named:
+            pass
+        return iter(())
+
     def fingerprint(self) -> str | None:
-        named = self._named_for_engine()
-        if self.rank != 0:
-            for _ in named:  # take part in the gathers
-                pass
-            return None
-        return fingerprint((t for _, t in named), self.sync_dtype)
+        named = self._rank0_only(self._named_for_engine())
+        return fingerprint((t for _, t in named), self.sync_dtype) if self.rank == 0 else None
 
     # ---- training ----------------------------------------------------------------------
     def _batch_tensors(self, trajs: list[Trajectory]) -> dict[str, torch.Tensor]:
@@ -362,8 +365,10 @@ class TrainerWorker:
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        ewma = [full(self._as_param_layout(a, p)).cpu() for a, p in zip(self.ewma.averaged(), self.trained)] \
-            if self.ewma is not None else None
+        ewma = None
+        if self.ewma is not None:
+            gathered = (full(self._as_param_layout(a, p)) for a, p in zip(self.ewma.averaged(), self.trained))
+            ewma = [t.cpu() for t in self._rank0_only(gathered)]
         if self.rank != 0:
             return
         if self.lora_scale is not None:
@@ -417,8 +422,9 @@ class TrainerWorker:
     def export_hf(self, out_dir: str, model_dir: str) -> None:
         """The policy as a Hugging Face directory (merged weights in model.dtype, tokenizer, config),
         plus `<out_dir>/adapter` (PEFT format) with LoRA. Rank 0 writes; every rank gathers."""
-        merged = {n: t.to(self.sync_dtype).cpu() for n, t in self._named_for_engine()}
-        adapter = {n: full(p).detach().cpu() for n, p in self.model.named_parameters() if lora.is_adapter(n)}
+        merged = {n: t.to(self.sync_dtype).cpu() for n, t in self._rank0_only(self._named_for_engine())}
+        adapters = ((n, full(p).detach()) for n, p in self.model.named_parameters() if lora.is_adapter(n))
+        adapter = {n: t.cpu() for n, t in self._rank0_only(adapters)}
         if self.rank != 0:
             return
         out = Path(out_dir)
