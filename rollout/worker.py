@@ -237,11 +237,11 @@ class RolloutWorker:
             try:
                 group = await self._rollout_group(ticket)
             except _Shutdown:
-                await self.service.drop.remote(g, "shutdown", ticket["seq"])
+                await self.service.drop.remote(ticket["seq"], "shutdown")
                 return
             except Exception:
                 log.exception("rollout group %s failed; its %d rollouts are dropped", ticket["seq"], g)
-                await self.service.drop.remote(g, "error", ticket["seq"])
+                await self.service.drop.remote(ticket["seq"], "error")
                 continue
             await self.service.put.remote(group)
 

@@ -106,13 +106,15 @@ class StalenessService:
             self._buffer.append(group)
             cond.notify_all()
 
-    async def drop(self, n: int, reason: str, seq: int) -> None:
+    async def drop(self, seq: int, reason: str) -> None:
+        """Group `seq` ends without a result (an error, the run's end)."""
         cond = self._condition()
         async with cond:
-            if self._running.pop(seq, None) is None:
+            running = self._running.pop(seq, None)
+            if running is None:
                 return  # already dropped as worker_lost
             self._outstanding.pop(seq, None)
-            self.ctl.drop_running(n, reason)
+            self.ctl.drop_running(running[1], reason)
             cond.notify_all()
 
     async def worker_lost(self, worker: str) -> int:

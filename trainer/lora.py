@@ -10,6 +10,7 @@ touched (PEFT's merge/unmerge in place would leave rounding error in them).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Iterable, Iterator
 
 import torch
@@ -56,30 +57,28 @@ def merge(named: Iterable[tuple[str, torch.Tensor]], scale: dict[str, float]) ->
     folded into their layer.
 
     `named` yields the PEFT model's parameters (full tensors) in module order: a layer's base weight
-    (and bias) come before its lora_A and lora_B, so the weight waits for both, and everything after
-    it waits too, keeping the order the receivers were told (`param_metas`)."""
-    queue: list[list] = []  # [base name, tensor or None while waiting for the adapter]
-    waiting: dict[str, list] = {}  # module -> its queue entry
+    (and bias) come before its lora_A and lora_B, so the weight is held until both arrived, and what
+    follows it waits too, keeping the order the receivers were told (`param_metas`)."""
+    order: deque[str] = deque()  # base names, in the model's order, not yet yielded
+    ready: dict[str, torch.Tensor] = {}
+    held: dict[str, torch.Tensor] = {}  # module -> base weight waiting for its adapter
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in named:
-        if not is_adapter(name):
-            bname = base_name(name)
-            module = bname.removesuffix(".weight")
-            entry = [bname, t]
-            if bname.endswith(".weight") and module in scale:
-                entry.append(t)  # the base weight, kept until the merge
-                entry[1] = None
-                waiting[module] = entry
-            queue.append(entry)
-        else:
+        if is_adapter(name):
             module = base_name(name.split(".lora_")[0] + ".weight").removesuffix(".weight")
             parts.setdefault(module, {})["A" if ".lora_A." in name else "B"] = t
             if len(parts[module]) == 2:
-                ab, entry = parts.pop(module), waiting.pop(module)
-                w = entry.pop()
-                entry[1] = w + scale[module] * (ab["B"].to(w.dtype) @ ab["A"].to(w.dtype))  # (out, in)
-        while queue and queue[0][1] is not None:
-            bname, t = queue.pop(0)[:2]
-            yield bname, t
-    if queue or waiting:
-        raise RuntimeError(f"LoRA merge: adapters missing for {sorted(waiting)}")
+                ab, w = parts.pop(module), held.pop(module)
+                ready[module + ".weight"] = w + scale[module] * (ab["B"].to(w.dtype) @ ab["A"].to(w.dtype))  # (out, in)
+        else:
+            bname = base_name(name)
+            order.append(bname)
+            module = bname.removesuffix(".weight")
+            if bname.endswith(".weight") and module in scale:
+                held[module] = t
+            else:
+                ready[bname] = t
+        while order and order[0] in ready:
+            yield order[0], ready.pop(order.popleft())
+    if order:
+        raise RuntimeError(f"LoRA merge: adapters missing for {sorted(held)}")

@@ -29,7 +29,7 @@ class _OneTicketService:
     async def put(self, group):
         self.groups.append(group)
 
-    async def drop(self, n, reason, seq):
+    async def drop(self, seq, reason):
         pass
 
     async def get(self):

@@ -18,7 +18,7 @@ def test_restore_requeues_outstanding_prompts_and_keeps_the_identity():
         for t in tickets[:3]:
             await svc.put(_group(t, 2))
         await svc.get_batch(4)  # groups 0 and 1 consumed; 2 buffered; 3 and 4 running
-        await svc.drop(2, "error", tickets[4]["seq"])  # group 4 failed: dropped, not outstanding
+        await svc.drop(tickets[4]["seq"], "error")  # group 4 failed: dropped, not outstanding
         await svc.pause()
         snap = await svc.snapshot()
 
