@@ -24,6 +24,13 @@ class StalenessController:
 
     Every admitted rollout ends as consumed, dropped (with a reason) or in flight:
         admitted = consumed + dropped + running + buffered.
+
+    A dropped rollout, whatever the reason (stale, error, zero-variance group, lost worker),
+    leaves `running` or `accepted`: only rollouts that can still be trained on hold admission
+    capacity. Otherwise every drop would shrink the pipeline for good: after D drops it would
+    hold (eta + 1) * B - D rollouts, and once D reached eta * B the run would be synchronous.
+    Since accepted counts consumed rollouts too (i * B after i steps), the pipeline holds
+    (eta + 1) * B rollouts not yet trained on at most.
     """
 
     batch_size: int
@@ -32,7 +39,7 @@ class StalenessController:
     version: int = 0
     admitted: int = 0
     running: int = 0
-    accepted: int = 0  # finished and put into the buffer, cumulative
+    accepted: int = 0  # finished into the buffer and not dropped since (consumed ones included)
     consumed: int = 0
     buffered: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -72,9 +79,11 @@ class StalenessController:
         self.dropped[reason] += n
 
     def drop_buffered(self, n: int, reason: str) -> None:
+        """n finished rollouts leave the buffer untrained: they give their admission slots back."""
         if n > self.buffered:
             raise RuntimeError(f"drop_buffered({n}) with only {self.buffered} buffered")
         self.buffered -= n
+        self.accepted -= n
         self.dropped[reason] += n
 
     def consume(self, n: int, lags: list[int]) -> None:

@@ -45,11 +45,19 @@ def _trained(trajs: list[Trajectory]) -> int:
     return sum(not t.is_baseline for t in trajs)
 
 
+def _zero_variance(group: list[Trajectory]) -> bool:
+    """Every reward of the group equal (a ReMax greedy baseline included): every advantage would be 0."""
+    return len({t.reward for t in group}) == 1
+
+
 class StalenessService:
     """Ray actor (async): `ray.remote(StalenessService).remote(...)`."""
 
-    def __init__(self, batch_size: int, max_staleness: int, max_running: int | None, num_prompts: int, seed: int) -> None:
+    def __init__(self, batch_size: int, max_staleness: int, max_running: int | None, num_prompts: int, seed: int,
+                 drop_zero_variance: bool = False) -> None:
         self.ctl = StalenessController(batch_size, max_staleness, max_running)
+        self.drop_zero_variance = drop_zero_variance  # algorithm.drop_zero_variance_groups (DAPO dynamic sampling)
+        self._zero_variance_run = 0  # zero-variance groups dropped in a row
         self.num_prompts = num_prompts
         self.seed = seed
         self.cursor = 0  # prompts drawn from the shuffled order so far, over all epochs
@@ -98,10 +106,25 @@ class StalenessService:
         the admitted rollouts (it is never trained on), so it is not counted."""
         cond = self._condition()
         async with cond:
-            if self._running.pop(int(group[0].group_id), None) is None:
+            seq = int(group[0].group_id)
+            running = self._running.pop(seq, None)
+            if running is None:
                 log.warning("group %s arrived after its worker was declared lost; it was counted as dropped "
                             "(worker_lost) and its prompt re-issued, so it is discarded", group[0].group_id)
                 return
+            if self.drop_zero_variance and _zero_variance(group):
+                # no signal to train on: dropped before the buffer, its slots go to groups that carry one
+                self._outstanding.pop(seq, None)
+                self.ctl.drop_running(running[1], "zero_variance")
+                self._zero_variance_run += 1
+                if self._zero_variance_run % 100 == 0:
+                    log.warning("the last %d finished groups all had equal rewards and were dropped "
+                                "(algorithm.drop_zero_variance_groups): no batch can form while every group "
+                                "gets the same reward; the task may be too hard or too easy for this policy",
+                                self._zero_variance_run)
+                cond.notify_all()
+                return
+            self._zero_variance_run = 0
             self.ctl.finish(_trained(group))
             self._buffer.append(group)
             cond.notify_all()

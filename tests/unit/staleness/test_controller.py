@@ -71,3 +71,38 @@ def test_misuse_raises():
     ctl.set_version(2)
     with pytest.raises(RuntimeError):
         ctl.set_version(1)
+
+
+def test_a_stale_drop_gives_its_admission_slots_back():
+    # B = 2 (groups of 2), eta = 1: (0 + 1 + 1) * 2 = 4 rollouts may be admitted at version 0
+    ctl = StalenessController(batch_size=2, max_staleness=1)
+    ctl.admit(2)
+    ctl.admit(2)
+    assert not ctl.can_admit(2)  # 4 of 4
+    ctl.finish(4)
+    ctl.consume(2, lags=[0, 0])
+    ctl.set_version(1)  # capacity (1 + 1 + 1) * 2 = 6; accepted 4 + running 0: 2 more
+    ctl.drop_buffered(2, "stale")  # the other two were never trained on: they leave accepted
+    # accepted 2 (the consumed ones) + running 0: the rule allows 6 - 2 = 4, not 2
+    assert ctl.can_admit(4) and not ctl.can_admit(6)
+    ctl.admit(4)
+    ctl.finish(4)
+    ctl.consume(2, lags=[1, 1])
+    ctl.set_version(2)  # capacity 8, accepted 6: a full B more, as if nothing had been dropped
+    assert ctl.can_admit(2) and not ctl.can_admit(4)
+    acc = ctl.accounting()
+    assert acc["identity_holds"] and acc["dropped"] == {"stale": 2} and acc["consumed"] == 4
+
+
+def test_drops_for_any_reason_free_capacity_and_survive_a_checkpoint():
+    ctl = StalenessController(batch_size=4, max_staleness=1)
+    ctl.admit(4)
+    ctl.admit(4)  # 8 of 8
+    ctl.drop_running(2, "error")
+    ctl.finish(6)
+    ctl.drop_buffered(2, "zero_variance")
+    assert ctl.accepted + ctl.running == 4 and ctl.can_admit(4)  # the 4 dropped ones are free again
+    fresh = StalenessController(batch_size=4, max_staleness=1)
+    fresh.load_state_dict(ctl.state_dict())  # buffered ones are un-admitted on resume
+    assert fresh.accepted == 0 and fresh.running == 0 and fresh.can_admit(8)
+    assert fresh.accounting()["identity_holds"]

@@ -64,3 +64,46 @@ def test_prompt_order_is_what_the_service_hands_out():
         return [(await svc.acquire(1, "w"))["prompt_index"] for _ in range(12)]  # over three epochs
 
     assert asyncio.run(scenario()) == prompt_order(5, 7, 12)
+
+
+def test_stale_groups_dropped_by_get_batch_free_their_slots():
+    # the scripted case: B = 2, G = 2, eta = 1; admit 4, finish them, consume 2, publish version 1, and
+    # the other 2 are stale at version 2: the rule must allow admitting up to capacity again
+    async def scenario():
+        svc = StalenessService(batch_size=2, max_staleness=1, max_running=None, num_prompts=10, seed=0)
+        t0, t1 = await svc.acquire(2, "w0"), await svc.acquire(2, "w0")
+        await svc.put(_group(t0, 2))
+        await svc.put(_group(t1, 2))
+        await svc.get_batch(2)  # group 0, at version 0
+        await svc.set_version(1)
+        await svc.set_version(2)  # group 1 started at version 0: lag 2 > eta = 1
+        fresh = await svc.acquire(2, "w0")  # capacity (2 + 1 + 1) * 2 = 8; accepted 4: admitted
+        await svc.put(_group(fresh, 2))
+        batch = await svc.get_batch(2)  # group 1 is dropped as stale, the fresh one is trained on
+        assert {t.group_id for t in batch} == {str(fresh["seq"])}
+        acc = await svc.accounting()
+        assert acc["dropped"] == {"stale": 2} and acc["identity_holds"]
+        # accepted = the 4 consumed; capacity 8 leaves 4 slots: two more groups, not one
+        assert [await asyncio.wait_for(svc.acquire(2, "w0"), 1) for _ in range(2)]
+        assert not svc.ctl.can_admit(2)
+
+    asyncio.run(scenario())
+
+
+def test_zero_variance_groups_are_dropped_before_the_buffer():
+    async def scenario():
+        svc = StalenessService(batch_size=2, max_staleness=0, max_running=None, num_prompts=10, seed=0,
+                               drop_zero_variance=True)
+        flat, mixed = await svc.acquire(2, "w0"), None
+        await svc.put(_group(flat, 2))  # rewards 0, 0: no signal
+        assert svc.ctl.can_admit(2)  # its slots came back: synchronous eta = 0 still admits a group
+        mixed = await svc.acquire(2, "w0")
+        group = _group(mixed, 2)
+        group[0].reward = 1.0
+        await svc.put(group)
+        batch = await svc.get_batch(2)
+        assert {t.group_id for t in batch} == {str(mixed["seq"])}
+        acc = await svc.accounting()
+        assert acc["dropped"] == {"zero_variance": 2} and acc["consumed"] == 2 and acc["identity_holds"]
+
+    asyncio.run(scenario())
