@@ -7,6 +7,7 @@ EWMA normaliser of the batch-size-invariant setting (section 4).
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -33,6 +34,9 @@ def group_advantages(
     - "remax" (Li et al. arXiv 2310.10505): r_i - baseline_g, baseline_g the reward
       of the greedy response to the group's prompt. `baseline` is (G,), one entry per
       distinct group id in ascending id order (so baseline[g] for ids 0..G-1).
+
+    Computed in float64 and returned as float32. A group whose rewards are all equal gets
+    exactly 0 for grpo, dr_grpo and rloo (DESIGN.md section 3).
     """
     if rewards.dim() != 1 or group_index.shape != rewards.shape:
         raise ValueError(
@@ -40,7 +44,9 @@ def group_advantages(
         )
     if method not in ADVANTAGE_METHODS:
         raise ValueError(f"algorithm.advantage={method!r} is not one of {ADVANTAGE_METHODS}")
-    r = rewards.float()  # (N,)
+    # float64: a float32 group mean of equal rewards is not exactly that reward (0.7 * 16 / 16 != 0.7),
+    # and dividing its rounding error by (std + 1e-6) would give every member a sizeable advantage
+    r = rewards.double()  # (N,)
     ids, inv = torch.unique(group_index, sorted=True, return_inverse=True)  # (G,), (N,) in 0..G-1
     num_groups = ids.numel()
 
@@ -51,24 +57,27 @@ def group_advantages(
                 f"remax needs baseline of shape ({num_groups},): the greedy reward of each group in "
                 f"ascending group id order; got {got}"
             )
-        return r - baseline.to(r)[inv]
+        return (r - baseline.to(r)[inv]).float()
 
     count = torch.zeros(num_groups, dtype=r.dtype, device=r.device).index_add_(0, inv, torch.ones_like(r))  # (G,)
     total = torch.zeros_like(count).index_add_(0, inv, r)  # (G,)
+    high = torch.full_like(count, -torch.inf).scatter_reduce_(0, inv, r, "amax")  # (G,)
+    low = torch.full_like(count, torch.inf).scatter_reduce_(0, inv, r, "amin")  # (G,)
     n = count[inv]  # (N,) size of each response's group
     mean = (total / count)[inv]  # (N,)
-    centered = r - mean  # (N,)
+    # a group whose rewards are all equal carries no signal: exactly 0, whatever the rounding of its mean
+    centered = torch.where((high == low)[inv], torch.zeros_like(r), r - mean)  # (N,)
 
     if method == "dr_grpo":
-        return centered
+        return centered.float()
     if method == "rloo":
         # r_i - (n * mean - r_i) / (n - 1) = n / (n - 1) * (r_i - mean); 0 for n = 1
-        return torch.where(n > 1, centered * n / (n - 1).clamp(min=1), torch.zeros_like(r))
+        return torch.where(n > 1, centered * n / (n - 1).clamp(min=1), torch.zeros_like(r)).float()
     # grpo
     sq = torch.zeros_like(count).index_add_(0, inv, centered.square())  # (G,)
     var = sq / (count - 1).clamp(min=1)  # (G,) unbiased; 0 for a group of 1
     std = var.sqrt()[inv]  # (N,)
-    return centered / (std + GRPO_EPS)
+    return (centered / (std + GRPO_EPS)).float()
 
 
 class EWMANormalizer:
@@ -81,7 +90,9 @@ class EWMANormalizer:
         mean = mu_n / (1 - beta^n),  var = s_n / (1 - beta^n) - mean^2  (clamped at 0)
         normalize(x) = (x - mean) / (sqrt(var) + eps)
     beta = 1 - 2 / (span + 1): span is in updates (training steps), not samples. Typical use:
-    update(adv) then normalize(adv), so the current batch is in the statistics.
+    update(adv) then normalize(adv), so the current batch is in the statistics. A trainer whose
+    step may still be skipped (non-finite loss) takes `updated(adv)`, a copy with the batch in
+    its statistics, and keeps it only if the step was taken.
     """
 
     def __init__(self, span: float, eps: float = GRPO_EPS) -> None:
@@ -100,6 +111,12 @@ class EWMANormalizer:
         self._mean_raw = self.beta * self._mean_raw + (1.0 - self.beta) * x.mean().item()
         self._sq_raw = self.beta * self._sq_raw + (1.0 - self.beta) * x.square().mean().item()
         self.num_updates += 1
+
+    def updated(self, x: Tensor) -> "EWMANormalizer":
+        """A copy of this normaliser after `update(x)`; this one is left as it was."""
+        new = copy.copy(self)
+        new.update(x)
+        return new
 
     @property
     def mean(self) -> float:

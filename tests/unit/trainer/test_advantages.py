@@ -95,3 +95,24 @@ def test_ewma_normalizer_span_one_is_per_batch_and_state_roundtrip():
     torch.testing.assert_close(b.normalize(x), a.normalize(x))
     with pytest.raises(ValueError, match="span"):
         EWMANormalizer(span=0.5)
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("value,size", [(0.7, 16), (0.3, 8), (0.1, 5), (1.0 / 3.0, 12)])
+def test_all_equal_group_gets_exactly_zero(method, value, size):
+    # in float32 the mean of [0.7] * 16 is not 0.7: grpo divided that rounding by (std + 1e-6) and gave
+    # every member +0.106 (+0.029 for [0.3] * 8). The group beside it keeps its usual advantages.
+    rewards = torch.tensor([value] * size + [1.0, 0.0])
+    groups = torch.tensor([0] * size + [1, 1])
+    adv = group_advantages(rewards, groups, method)
+    assert torch.equal(adv[:size], torch.zeros(size))
+    assert adv[size] > 0 > adv[size + 1]
+    assert adv.dtype == torch.float32
+
+
+def test_normaliser_updated_copy_leaves_the_original_alone():
+    norm = EWMANormalizer(span=4)
+    norm.update(torch.tensor([1.0, 2.0]))
+    before = norm.state_dict()
+    new = norm.updated(torch.tensor([10.0, 20.0]))
+    assert norm.state_dict() == before and new.num_updates == 2 and new.mean != norm.mean
