@@ -108,8 +108,11 @@ def policy_loss(
             else:
                 w = torch.where(over_cap, torch.zeros_like(w), w)
 
-    # where, not a product: keeps inf/nan at padded positions out of the backward pass too
-    log_u = torch.where(valid, logp - logp_prox, torch.zeros_like(logp))  # (B, T)
+    # where, not a product: keeps inf/nan at padded positions out of the backward pass too. A token
+    # masked by the cap adds exactly 0 whatever u is: its u is taken as 1 (an overflowing u would make
+    # 0 * inf = nan in the forward pass and 0 * inf in the backward pass)
+    live = valid & ~over_cap if cap_mode == "mask" else valid  # (B, T)
+    log_u = torch.where(live, logp - logp_prox, torch.zeros_like(logp))  # (B, T)
     u = torch.exp(log_u)  # (B, T) trust-region ratio
     pg_loss1 = -advantages * u  # (B, T)
     pg_loss2 = -advantages * torch.clamp(u, 1.0 - eps_low, 1.0 + eps_high)  # (B, T)

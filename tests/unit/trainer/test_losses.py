@@ -272,3 +272,19 @@ def test_entropy_hand_values():
         [0.0, -INF, -INF, -INF],  # one-hot: 0, not nan from 0 * -inf
     ]])
     torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[1.386294, 1.039721, 0.0]]))
+
+
+def test_mask_mode_token_over_the_cap_adds_exactly_zero_even_when_u_overflows():
+    # token 0: w = exp(prox - behav) = e^10 > cap 5 -> masked; its u = exp(200) overflows to inf in float32.
+    # Before the fix: w * max(-A u, -A clip(u)) = 0 * inf = nan, and the whole step was skipped.
+    logp = torch.tensor([[100.0, -1.0]], requires_grad=True)  # (1, 2)
+    prox = torch.tensor([[-100.0, -1.0]])
+    behav = torch.tensor([[-110.0, -1.0]])
+    adv = torch.tensor([[1.0, 1.0]])
+    mask = torch.ones(1, 2)
+    loss, sums = _call(logp, prox, behav, adv, mask, behav_weight_cap=5.0, cap_mode="mask", loss_denominator=2.0)
+    # token 1: w = 1, u = 1, L = -1 * 1 = -1; token 0 adds 0 -> -1 / 2
+    assert loss.item() == -0.5
+    loss.backward()
+    assert torch.equal(logp.grad, torch.tensor([[0.0, -0.5]]))  # nothing flows into the masked token
+    assert sums["capped"].item() == 1 and sums["clipped"].item() == 0 and math.isfinite(sums["approx_kl"].item())
