@@ -91,6 +91,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 8  # trajectories per forward/backward; does not change the gradient
+    num_minibatches: int = 1  # optimizer updates per pass over the batch, each on 1/K of it (PPO minibatches); 1 + recompute = the clip never acts
+    ppo_epochs: int = 1  # passes over the batch per training step; pi_prox stays fixed for all of them
+    disable_dropout: bool = True  # dropout off in every pass (as TRL); false keeps the model's (and LoRA's) dropout in the gradient pass only
     num_workers: int = 1  # trainer actors in one torch.distributed group (NCCL on GPU, gloo on CPU)
     fsdp: Optional[bool] = None  # shard with FSDP2 (fully_shard); unset = when num_workers > 1
     lr_warmup_steps: int = 0  # linear warm-up of the learning rate over this many steps
@@ -117,12 +120,17 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"  # k1 | k3
     adv_norm_span: Optional[float] = None  # normalise advantages by EWMA statistics over this many steps; unset = off
     agg_mode: str = "token-mean"  # token-mean over the global batch | seq-mean-token-mean
+    drop_zero_variance_groups: bool = False  # DAPO dynamic sampling: groups whose rewards are all equal are dropped before the buffer (their slots freed)
+    overlong_buffer: int = 0  # DAPO soft overlong punishment: the last N tokens before rollout.max_new_tokens are penalised linearly; 0 = off
+    overlong_penalty: float = 1.0  # reward penalty at rollout.max_new_tokens (reached linearly over the overlong buffer)
+    mask_truncated: bool = False  # responses cut at rollout.max_new_tokens get no loss (they still count in rewards and metrics)
 
 
 @dataclass
 class BatchInvarianceConfig:
     reference_batch_size: Optional[int] = None  # B_ref; set it and change only trainer.batch_size (c = B_ref / B)
     adapt_adam_betas: bool = False  # also beta1, beta2 -> beta^(1/c)
+    reference_num_minibatches: Optional[int] = None  # the reference's trainer.num_minibatches; unset = this run's
 
 
 @dataclass
@@ -292,6 +300,12 @@ def validate(cfg) -> None:
     _check(t.num_workers >= 1, "trainer.num_workers", t.num_workers, "must be >= 1")
     _check(t.num_workers == 1 or t.fsdp is not False, "trainer.fsdp", t.fsdp,
            f"must be true (or unset) with trainer.num_workers={t.num_workers}: several workers shard with FSDP2")
+    _check(t.num_minibatches >= 1 and t.batch_size % t.num_minibatches == 0, "trainer.num_minibatches",
+           t.num_minibatches, f"must be >= 1 and divide trainer.batch_size={t.batch_size}")
+    _check(t.ppo_epochs >= 1, "trainer.ppo_epochs", t.ppo_epochs, "must be >= 1")
+    _check(not (t.disable_dropout and cfg.model.lora.dropout > 0), "model.lora.dropout", cfg.model.lora.dropout,
+           "has no effect while trainer.disable_dropout=true (the default); set trainer.disable_dropout=false "
+           "to train with dropout in the gradient pass, or model.lora.dropout=0")
     _check(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", t.lr_warmup_steps, "must be >= 0")
     _check(t.max_skipped_steps >= 1, "trainer.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
     _check(all(s >= 1 for s in t.inject_nan_steps), "trainer.inject_nan_steps", list(t.inject_nan_steps),
@@ -314,10 +328,20 @@ def validate(cfg) -> None:
     _check(a.adv_norm_span is None or a.adv_norm_span >= 1, "algorithm.adv_norm_span", a.adv_norm_span,
            "must be >= 1 step, or null to turn EWMA advantage normalisation off")
     _choice("algorithm.agg_mode", a.agg_mode, ("token-mean", "seq-mean-token-mean"))
+    _check(not a.drop_zero_variance_groups or t.group_size >= 2, "algorithm.drop_zero_variance_groups",
+           a.drop_zero_variance_groups, f"needs trainer.group_size >= 2 (a group of {t.group_size} always has "
+           "zero variance, so every group would be dropped)")
+    _check(0 <= a.overlong_buffer < r.max_new_tokens, "algorithm.overlong_buffer", a.overlong_buffer,
+           f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}) tokens (0 = off)")
+    _check(a.overlong_penalty >= 0, "algorithm.overlong_penalty", a.overlong_penalty, "must be >= 0")
     _check(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "trainer.adam_beta1/adam_beta2",
            (t.adam_beta1, t.adam_beta2), "must be in [0, 1)")
     ref = cfg.batch_invariance.reference_batch_size
     _check(ref is None or ref >= 1, "batch_invariance.reference_batch_size", ref, "must be >= 1, or null for off")
+    ref_k = cfg.batch_invariance.reference_num_minibatches
+    _check(ref_k is None or (ref_k >= 1 and ref is not None and ref % ref_k == 0),
+           "batch_invariance.reference_num_minibatches", ref_k,
+           "must be >= 1 and divide batch_invariance.reference_batch_size (set that too), or null for this run's")
 
     _choice("weight_sync.backend", cfg.weight_sync.backend, ("auto", "gloo", "nccl", "ipc"))
     _check(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", cfg.weight_sync.bucket_mb, "must be >= 1")

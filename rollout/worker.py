@@ -22,6 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from rewards.pool import RewardPool
+from rewards.shaping import overlong_penalty
 from rewards.tasks import build_task, render_prompt
 from rollout.engine import Engine, SamplingSpec
 from rollout.forced_length import forced_length_of
@@ -215,14 +216,19 @@ class RolloutWorker:
             self._sample(f"w{self.index}-{ticket['seq']}-{k}", prompt_ids, sp) for k, sp in specs
         ))
         group = []
+        alg = self.cfg.algorithm
         for (k, _), s in zip(specs, samples):
             text = self.tokenizer.decode(s["tokens"], skip_special_tokens=True)
-            reward, failed = await self._score(text, problem.answer)
+            task_reward, failed = await self._score(text, problem.answer)
+            penalty = overlong_penalty(len(s["tokens"]), self.cfg.rollout.max_new_tokens, alg.overlong_buffer,
+                                       alg.overlong_penalty)
+            reward = task_reward + penalty
             group.append(Trajectory(
                 traj_id=f"{ticket['seq']}-{k}", prompt_index=ticket["prompt_index"], group_id=str(ticket["seq"]),
                 prompt_ids=prompt_ids, response_ids=s["tokens"], logp_behav=s["logps"], versions=s["versions"],
                 start_version=ticket["version"], reward=reward, finish_reason=s["finish_reason"],
-                interruptions=s["interruptions"], reward_error=failed, info={"text": text},
+                interruptions=s["interruptions"], reward_error=failed,
+                info={"text": text, "task_reward": task_reward, "overlong_penalty": penalty},
                 is_baseline=(k == "b"),
             ))
         self.stats["groups"] += 1

@@ -9,6 +9,16 @@ With B = B_ref / c, the paper's rules are:
     PPO-EWMA beta       centre of mass x c:  beta = 1 - 1 / (c * (1 / (1 - beta_ref) - 1) + 1)
     adv-norm EWMA       span x c, span = 2 / (1 - beta) - 1 steps
     Adam betas          beta ** (1 / c)     (optional; Adam eps is ignored)
+
+With several optimizer updates per batch (trainer.num_minibatches = K), the paper's batch size is
+the one an optimizer update sees, the minibatch of B / K trajectories, so two ratios appear:
+    c_update = (B_ref / K_ref) / (B / K)   Adam lr, Adam betas, PPO-EWMA centre of mass: each is
+                                           per optimizer update (the EWMA of the weights is updated
+                                           after every optimizer update, so c_update x the updates
+                                           cover the same trajectories)
+    c_batch  = B_ref / B                   the advantage-norm EWMA span: it is updated once per
+                                           training step, on the whole batch
+With K_ref = K (the default) both are c = B_ref / B. ppo_epochs is taken as the reference's.
 """
 
 from __future__ import annotations
@@ -50,7 +60,8 @@ def _check_beta(beta: float, name: str) -> None:
 class InvariantHparams:
     """Hyper-parameters for batch size B derived from a reference configuration at B_ref."""
 
-    c: float  # B_ref / B
+    c: float  # (B_ref / K_ref) / (B / K): the ratio of trajectories per optimizer update
+    c_batch: float  # B_ref / B: the ratio of trajectories per training step
     lr: float  # lr_ref / sqrt(c)
     ewma_beta: float  # PPO-EWMA decay with c x the reference centre of mass
     ewma_center_of_mass: float  # 1 / (1 - ewma_beta) - 1, optimizer steps
@@ -68,20 +79,25 @@ def derive_invariant_hparams(
     adv_norm_span_ref: Optional[float],
     adam_betas_ref: tuple[float, float] = (0.9, 0.999),
     adapt_adam_betas: bool = False,
+    num_minibatches: int = 1,
+    reference_num_minibatches: Optional[int] = None,
 ) -> InvariantHparams:
-    """Apply Hilton et al.'s scaling rules (arXiv 2110.00641) for B = B_ref / c."""
+    """Apply Hilton et al.'s scaling rules (arXiv 2110.00641) for B = B_ref / c (see the module
+    docstring for K = num_minibatches > 1; reference_num_minibatches unset = num_minibatches)."""
     if reference_batch_size < 1 or batch_size < 1:
         raise ValueError(
             f"batch_invariance.reference_batch_size={reference_batch_size!r} and batch size={batch_size!r} "
             "must both be >= 1"
         )
     _check_beta(ewma_beta_ref, "ewma_beta_ref")
-    c = reference_batch_size / batch_size
+    k_ref = num_minibatches if reference_num_minibatches is None else reference_num_minibatches
+    c_batch = reference_batch_size / batch_size
+    c = (reference_batch_size / k_ref) / (batch_size / num_minibatches)
     ewma_beta = 1.0 - 1.0 / (c * ewma_center_of_mass(ewma_beta_ref) + 1.0)
-    adv_norm_span = None if adv_norm_span_ref is None else adv_norm_span_ref * c  # None: normalisation off
+    adv_norm_span = None if adv_norm_span_ref is None else adv_norm_span_ref * c_batch  # None: normalisation off
     if adv_norm_span is not None and adv_norm_span < 1:
         raise ValueError(
-            f"advantage-norm span {adv_norm_span_ref!r} x c={c:g} = {adv_norm_span:g} steps is < 1: the batch size "
+            f"advantage-norm span {adv_norm_span_ref!r} x c={c_batch:g} = {adv_norm_span:g} steps is < 1: the batch size "
             f"{batch_size} is too large for this reference; raise the reference span or "
             "batch_invariance.reference_batch_size"
         )
@@ -89,6 +105,7 @@ def derive_invariant_hparams(
     adam_betas = (b1 ** (1.0 / c), b2 ** (1.0 / c)) if adapt_adam_betas else (b1, b2)
     return InvariantHparams(
         c=c,
+        c_batch=c_batch,
         lr=lr_ref / math.sqrt(c),
         ewma_beta=ewma_beta,
         ewma_center_of_mass=ewma_center_of_mass(ewma_beta),
@@ -169,7 +186,7 @@ def effective_hparams(cfg) -> dict:
     the configured ones, or — with `batch_invariance.reference_batch_size` set — the values
     derived for trainer.batch_size by the rules above (the configured ones are the reference's)."""
     alg, t = cfg.algorithm, cfg.trainer
-    out = {"c": 1.0, "lr": t.lr, "adam_betas": (t.adam_beta1, t.adam_beta2), "ewma_decay": alg.ewma_decay,
+    out = {"c": 1.0, "c_batch": 1.0, "lr": t.lr, "adam_betas": (t.adam_beta1, t.adam_beta2), "ewma_decay": alg.ewma_decay,
            "ewma_center_of_mass_steps": ewma_center_of_mass(alg.ewma_decay), "adv_norm_span": alg.adv_norm_span}
     ref = cfg.batch_invariance.reference_batch_size
     if ref is None:
@@ -178,7 +195,8 @@ def effective_hparams(cfg) -> dict:
         ref, t.batch_size, lr_ref=t.lr, ewma_beta_ref=alg.ewma_decay,
         adv_norm_span_ref=alg.adv_norm_span,
         adam_betas_ref=(t.adam_beta1, t.adam_beta2), adapt_adam_betas=cfg.batch_invariance.adapt_adam_betas,
+        num_minibatches=t.num_minibatches, reference_num_minibatches=cfg.batch_invariance.reference_num_minibatches,
     )
-    return {"c": h.c, "lr": h.lr, "adam_betas": h.adam_betas, "ewma_decay": h.ewma_beta,
+    return {"c": h.c, "c_batch": h.c_batch, "lr": h.lr, "adam_betas": h.adam_betas, "ewma_decay": h.ewma_beta,
             "ewma_center_of_mass_steps": h.ewma_center_of_mass,
             "adv_norm_span": h.adv_norm_span}

@@ -132,7 +132,7 @@ class Run:
         try:
             self.service = ray.remote(StalenessService).options(num_cpus=0, name=f"tether:staleness:{self.run_id}").remote(
                 cfg.trainer.batch_size, cfg.staleness.max_staleness, cfg.staleness.max_running,
-                len(task.train), cfg.seed,
+                len(task.train), cfg.seed, cfg.algorithm.drop_zero_variance_groups,
             )
         except ValueError as e:  # the name is taken
             raise ConfigError(f"output_dir={cfg.output_dir!r} is being written by another run on this Ray cluster "
@@ -410,9 +410,9 @@ class Run:
         cfg = self.cfg
         hp = effective_hparams(cfg)
         if cfg.batch_invariance.reference_batch_size is not None:
-            log.info("batch-size invariance: B_ref=%d, B=%d, c=%.4g -> lr %.4g, adam betas (%.6g, %.6g), "
-                     "EWMA decay %.6g (centre of mass %.3g steps), advantage-norm span %s",
-                     cfg.batch_invariance.reference_batch_size, cfg.trainer.batch_size, hp["c"], hp["lr"],
+            log.info("batch-size invariance: B_ref=%d, B=%d, c=%.4g per optimizer update, %.4g per step -> lr %.4g, "
+                     "adam betas (%.6g, %.6g), EWMA decay %.6g (centre of mass %.3g updates), advantage-norm span %s",
+                     cfg.batch_invariance.reference_batch_size, cfg.trainer.batch_size, hp["c"], hp["c_batch"], hp["lr"],
                      *hp["adam_betas"], hp["ewma_decay"], hp["ewma_center_of_mass_steps"], hp["adv_norm_span"])
         if cfg.algorithm.proximal == "ewma":
             log.info("EWMA proximal policy: decay %.6g, centre of mass %.3g optimizer steps",

@@ -1,14 +1,21 @@
 """The trainer worker: a Ray actor holding the policy, its optimizer and rank 0 of weight sync.
 
-One `train_step` is one optimizer step on one batch (DESIGN.md section 3):
-1. pi_prox log-probs: recomputed under the weights at the start of the step (AReaL, one extra
-   forward pass, no grad), or under the bias-corrected EWMA of the weights (PPO-EWMA, Hilton
-   et al. arXiv 2110.00641), or pi_behav itself for coupled PPO;
+One `train_step` takes one batch and makes K = trainer.num_minibatches x trainer.ppo_epochs
+optimizer steps on it (DESIGN.md section 3):
+1. pi_prox log-probs, once for the whole step, before the first update: recomputed under the
+   weights at the start of the step (AReaL, one extra forward pass, no grad), or under the
+   bias-corrected EWMA of the weights (PPO-EWMA, Hilton et al. arXiv 2110.00641), or pi_behav
+   itself for coupled PPO;
 2. group advantages from the rewards (GRPO, Dr. GRPO, RLOO, or ReMax's greedy baseline),
    optionally normalised by EWMA statistics (batch-size invariance, DESIGN.md section 4);
-3. forward/backward per micro-batch, every micro-batch loss divided by the number of
-   valid tokens in the whole batch, so micro-batching does not change the gradient;
-4. clip, step, and diagnostics summed over the whole step.
+3. per minibatch: forward/backward per micro-batch, every micro-batch loss divided by the
+   number of valid tokens in the whole minibatch, so micro-batching does not change the
+   gradient; clip, step. The second and later minibatches see u = pi_theta / pi_prox != 1, so
+   the clip acts (with K = 1 and recompute, u = 1 and it never does);
+4. diagnostics aggregated over every update (mean and max); the policy version advances once.
+
+Every pass that is not the gradient pass (pi_prox, the KL reference) runs with dropout off, and
+with trainer.disable_dropout (the default, as TRL) the gradient pass too.
 
 With trainer.num_workers = N > 1 the N actors form one torch.distributed group and shard the
 model with FSDP2 (trainer/parallel.py); every rank gets the whole batch and trains on its share.
@@ -35,6 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rollout.trajectory import Trajectory
 from rollout.weight_sync import broadcast_send, fingerprint, free_address, ipc_pack, make_group, metas_of
 from trainer import lora, parallel
+from trainer.minibatch import UpdateStats, split_minibatches
 from trainer.advantages import EWMANormalizer, group_advantages
 from trainer.invariance import EWMAParams, effective_hparams
 from trainer.losses import aggregate, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
@@ -63,6 +71,8 @@ class TrainerWorker:
         if lc.rank > 0:
             self.model = lora.add_lora(self.model, lc.rank, lc.alpha, lc.target_modules, lc.dropout)
             self.lora_scale = lora.scalings(self.model)
+        if cfg.trainer.disable_dropout:
+            _disable_dropout(self.model)
         self.model.train()
         self.sync_dtype = getattr(torch, cfg.model.dtype)
         # on GPU, forward/backward in model.dtype (autocast) over the fp32 master weights
@@ -224,24 +234,37 @@ class TrainerWorker:
                 for p, data in zip(self.trained, current):
                     local(p).copy_(data)
 
+    @contextlib.contextmanager
+    def _dropout_off(self):
+        """Eval mode for a pass that is not the gradient pass: pi_prox and the reference must be the
+        deterministic policy, or two passes over the same batch differ and u != 1 at unchanged weights."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
     @torch.no_grad()
     def _proximal_logprobs(self, tensors: list[dict]) -> list[torch.Tensor]:
         alg = self.cfg.algorithm
         if alg.loss == "ppo":
             return [tb["behav"] for tb in tensors]  # coupled PPO: pi_prox = pi_behav
-        if self.ewma is None:
-            return [self._logprobs(tb, False)[0] for tb in tensors]  # recompute: weights at the step's start
-        with self._ewma_weights():
-            return [self._logprobs(tb, False)[0] for tb in tensors]
+        with self._dropout_off():
+            if self.ewma is None:
+                return [self._logprobs(tb, False)[0] for tb in tensors]  # recompute: weights at the step's start
+            with self._ewma_weights():
+                return [self._logprobs(tb, False)[0] for tb in tensors]
 
     @torch.no_grad()
     def _reference_logprobs(self, tb: dict) -> torch.Tensor:
         if self.ref_model is not None:
-            return self._logprobs(tb, False, self.ref_model)[0]
-        with self.model.disable_adapter():  # LoRA: the frozen base model is the reference
+            return self._logprobs(tb, False, self.ref_model)[0]  # kept in eval mode
+        with self._dropout_off(), self.model.disable_adapter():  # LoRA: the frozen base model is the reference
             return self._logprobs(tb, False)[0]
 
-    def _advantages(self, trajs: list[Trajectory], baselines: list[Trajectory]) -> torch.Tensor:
+    def _advantages(self, trajs: list[Trajectory], baselines: list[Trajectory]):
+        """(N,) advantages, and the advantage normaliser with this batch in its statistics (or None)."""
         alg = self.cfg.algorithm
         group_ids = {g: i for i, g in enumerate(dict.fromkeys(t.group_id for t in trajs))}
         rewards = torch.tensor([t.reward for t in trajs])  # (N,)
@@ -254,10 +277,13 @@ class TrainerWorker:
                 raise RuntimeError(f"ReMax: groups {missing[:5]} arrived without their greedy baseline response")
             baseline = torch.tensor([by_group[g] for g in group_ids])  # (G,) in group-index order
         adv = group_advantages(rewards, index, alg.advantage, baseline)
+        pending = None
         if self.adv_norm is not None:
-            self.adv_norm.update(adv)
-            adv = self.adv_norm.normalize(adv)
-        return adv
+            # statistics with this batch in them; kept only if the step is taken (a skipped step must
+            # not move them)
+            pending = self.adv_norm.updated(adv)
+            adv = pending.normalize(adv)
+        return adv, pending
 
     def _shares(self, active: list[int]) -> list[list[int] | None]:
         """This rank's micro-batches of the active trajectories. Every rank runs the same number of
@@ -271,23 +297,67 @@ class TrainerWorker:
 
     def train_step(self, batch: list[Trajectory]) -> dict:
         t0 = time.perf_counter()
-        cfg, alg = self.cfg, self.cfg.algorithm
+        cfg, alg, tc = self.cfg, self.cfg.algorithm, self.cfg.trainer
         trajs = [t for t in batch if not t.is_baseline]
         rewards = torch.tensor([t.reward for t in trajs])  # (N,)
-        advantages = self._advantages(trajs, [t for t in batch if t.is_baseline])
-        n_tokens = sum(len(t.response_ids) for t in trajs)
-        denominator = float(n_tokens if alg.agg_mode == "token-mean" else len(trajs))
+        advantages, pending_norm = self._advantages(trajs, [t for t in batch if t.is_baseline])
+        # algorithm.mask_truncated: a response cut at rollout.max_new_tokens gets no loss (it stays in the
+        # group's baseline and in the metrics), and leaves the token-mean denominator
+        trained = [not (alg.mask_truncated and t.finish_reason == "length") for t in trajs]
         # A trajectory with advantage 0 adds exactly 0 to the policy-gradient loss and its gradient
         # (L = -w * min(u*0, clip(u)*0)), so it is left out of the forward/backward passes while its
         # tokens still count in the denominator: the same gradient for less compute. A sparse reward
         # makes most groups all-0 or all-1, so this often skips most of the batch. A KL term has a
         # gradient on every token, so with kl_coef > 0 every trajectory is trained on.
-        active = [i for i in range(len(trajs)) if advantages[i] != 0 or alg.kl_coef > 0]
-        mbs = self._shares(active)
-        tensors = [self._batch_tensors([trajs[i] for i in (mb or [0])]) for mb in mbs]
+        active = {i for i in range(len(trajs)) if trained[i] and (advantages[i] != 0 or alg.kl_coef > 0)}
+        minibatches = []
+        for part in split_minibatches(len(trajs), tc.num_minibatches):
+            kept = [i for i in part if trained[i]]
+            n_tokens = sum(len(trajs[i].response_ids) for i in kept)
+            denominator = float(n_tokens if alg.agg_mode == "token-mean" else len(kept))
+            mbs = self._shares([i for i in part if i in active])
+            tensors = [self._batch_tensors([trajs[i] for i in (mb or [0])]) for mb in mbs]
+            minibatches.append((mbs, tensors, denominator))
+        # pi_prox is fixed for the whole step: computed once, before the first update
+        prox = [self._proximal_logprobs(tensors) for _, tensors, _ in minibatches]
 
-        prox = self._proximal_logprobs(tensors)
+        stats = UpdateStats()
+        for _ in range(tc.ppo_epochs):
+            for (mbs, tensors, denominator), prox_mb in zip(minibatches, prox):
+                if denominator > 0:  # a minibatch with nothing to train on (all truncated and masked) makes no update
+                    stats.add(*self._update(mbs, tensors, prox_mb, advantages, denominator))
+        skipped = stats.skipped > 0
+        if skipped:
+            self.skipped_in_a_row += 1
+            log.warning("Non-finite loss or gradient at step %d in %d of %d updates; skipping those optimizer "
+                        "updates (%d steps in a row).", self.steps + 1, stats.skipped, stats.updates, self.skipped_in_a_row)
+        else:
+            self.skipped_in_a_row = 0
+        if pending_norm is not None and stats.applied > 0:
+            self.adv_norm = pending_norm
+        self.scheduler.step()  # the learning-rate schedule counts training steps, not updates
+        self.steps += 1
+        return {
+            **stats.metrics(alg.kl_coef),
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "reward/overlong_penalty_mean": sum(t.info.get("overlong_penalty", 0.0) for t in trajs) / max(len(trajs), 1),
+            "rollout/response_len_mean": sum(len(t.response_ids) for t in trajs) / max(len(trajs), 1),
+            "rollout/truncated_frac": sum(t.finish_reason == "length" for t in trajs) / max(len(trajs), 1),
+            "train/skipped_steps": int(skipped),
+            "train/skipped_in_a_row": self.skipped_in_a_row,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/active_frac": len(active) / max(len(trajs), 1),  # trajectories trained on (non-zero advantage)
+            "policy/ewma_center_of_mass_steps": self.hparams["ewma_center_of_mass_steps"] if self.ewma else 0.0,
+            "train/tokens": sum(t.num_tokens for t in trajs),
+            "time/train_s": time.perf_counter() - t0,
+            "memory/max_allocated_gib": self._max_memory_gib(),
+        }
 
+    def _update(self, mbs, tensors, prox, advantages, denominator: float) -> tuple[dict, float, bool]:
+        """One optimizer update on one minibatch: forward/backward per micro-batch (each loss divided by
+        the minibatch's global `denominator`), clip, step. Returns (sums over every rank, grad norm, applied)."""
+        cfg, alg = self.cfg, self.cfg.algorithm
         # zeros, not None: AdamW skips parameters without a grad, a zero grad still applies momentum
         self.optimizer.zero_grad(set_to_none=False)
         sums: dict[str, float] = defaultdict(float)
@@ -316,44 +386,17 @@ class TrainerWorker:
             sums["prox_behav_diff"] += ((logp_prox - tb["behav"]) * mask).sum().item()
             for k, v in stats.items():
                 sums[k] += float(v)
-        keys = ["loss", "kl", "entropy", "prox_behav_diff", "tokens", "clipped", "approx_kl", "capped"]
+        keys = UpdateStats.KEYS
         sums = dict(zip(keys, parallel.all_reduce_sum([sums[k] for k in keys], self.device)))
         grad_norm = full(torch.nn.utils.clip_grad_norm_(self.trained, cfg.trainer.grad_clip)).item()
-        skipped = not (math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
-        if skipped:
-            self.skipped_in_a_row += 1
-            log.warning("Non-finite loss or gradient at step %d; skipping the optimizer step (%d in a row).",
-                        self.steps + 1, self.skipped_in_a_row)
-            self.optimizer.zero_grad(set_to_none=False)
-        else:
-            self.skipped_in_a_row = 0
+        applied = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
+        if applied:
             self.optimizer.step()
             if self.ewma is not None:
                 self.ewma.update(local(p) for p in self.trained)
-        self.scheduler.step()
-        self.steps += 1
-        tokens = max(sums["tokens"], 1.0)  # diagnostics are over the tokens that were trained on
-        return {
-            "loss/policy": sums["loss"] - alg.kl_coef * sums["kl"],
-            "loss/kl": sums["kl"],
-            "policy/clipfrac": sums["clipped"] / tokens,
-            "policy/approx_kl": sums["approx_kl"] / tokens,
-            "policy/entropy": sums["entropy"] / tokens,
-            "policy/behav_weight_capped_frac": sums["capped"] / tokens,
-            "policy/logp_prox_minus_behav": sums["prox_behav_diff"] / tokens,
-            "policy/grad_norm": grad_norm,
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "rollout/response_len_mean": n_tokens / max(len(trajs), 1),
-            "train/skipped_steps": int(skipped),
-            "train/skipped_in_a_row": self.skipped_in_a_row,
-            "train/lr": self.scheduler.get_last_lr()[0],
-            "train/active_frac": len(active) / max(len(trajs), 1),  # trajectories with a non-zero advantage
-            "policy/ewma_center_of_mass_steps": self.hparams["ewma_center_of_mass_steps"] if self.ewma else 0.0,
-            "train/tokens": sum(t.num_tokens for t in trajs),
-            "time/train_s": time.perf_counter() - t0,
-            "memory/max_allocated_gib": self._max_memory_gib(),
-        }
+        else:
+            self.optimizer.zero_grad(set_to_none=False)
+        return sums, grad_norm, applied
 
     # ---- checkpoint and export ---------------------------------------------------------
     def save(self, path: str) -> None:
@@ -444,3 +487,14 @@ class TrainerWorker:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every pass (trainer.disable_dropout, as TRL's GRPOConfig.disable_dropout): dropout
+    modules get p = 0, and attention layers that read a float `attention_dropout` get 0 (Hugging Face
+    models apply it inside the attention function while training)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

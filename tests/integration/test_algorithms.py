@@ -95,3 +95,30 @@ def test_remax_ewma_kl_and_batch_invariance_run(tmp_path, ray_local, tiny_model_
     assert all(r["loss/kl"] >= 0 for r in rows)  # k3 is non-negative
     acc = json.loads((tmp_path / "accounting.json").read_text())
     assert acc["identity_holds"] and acc["consumed"] == 3 * 4  # baselines are not counted as trained rollouts
+
+
+def test_ppo_minibatches_and_dapo_options_run(tmp_path, ray_local, tiny_model_dir):
+    """Several PPO updates per batch, DAPO's dynamic sampling and soft overlong punishment, and masked
+    truncations, through the real loop: the policy version advances once per batch, every update is
+    counted, the penalty reaches the rewards and nothing is lost."""
+    from trainer.loop import run
+
+    cfg = compose([
+        "model=tiny", "rollout.engine=hf", "trainer.num_minibatches=2", "trainer.ppo_epochs=2",
+        "algorithm.drop_zero_variance_groups=true", "algorithm.overlong_buffer=4", "algorithm.overlong_penalty=0.5",
+        "algorithm.mask_truncated=true", "task.reward=text_hash", "staleness.max_staleness=1", "trainer.max_steps=3",
+        "trainer.batch_size=4", "trainer.group_size=2", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
+        "rollout.max_new_tokens=8", "task.num_eval=2", "eval.max_new_tokens=4", "weight_sync.verify=true",
+        "logger.wandb.mode=disabled", "logger.progress=false", f"output_dir={tmp_path}",
+    ])
+    summary = run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3] and summary["verified_publishes"] == 3
+    for r in rows:
+        # truncated responses (8 tokens) are masked: a minibatch of only truncated ones makes no update
+        assert r["train/updates"] in (0, 2, 4) and 0 <= r["rollout/truncated_frac"] <= 1
+        assert r["reward/overlong_penalty_mean"] <= 0
+    # the tiny random model rarely stops before 8 tokens: those responses got the full penalty of -0.5
+    assert min(r["reward/overlong_penalty_mean"] for r in rows) < 0
+    acc = json.loads((tmp_path / "accounting.json").read_text())
+    assert acc["identity_holds"] and acc["consumed"] == 3 * 4

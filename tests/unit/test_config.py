@@ -50,7 +50,15 @@ BAD = [
     ("algorithm.behav_weight_cap_mode=soft", "algorithm.behav_weight_cap_mode"), ("algorithm.kl_coef=-1", "algorithm.kl_coef"),
     ("algorithm.kl_estimator=k2", "algorithm.kl_estimator"), ("algorithm.adv_norm_span=0.5", "algorithm.adv_norm_span"),
     ("algorithm.agg_mode=sum", "algorithm.agg_mode"),
+    ("trainer.num_minibatches=0", "trainer.num_minibatches"), ("trainer.num_minibatches=5", "trainer.num_minibatches"),
+    ("trainer.ppo_epochs=0", "trainer.ppo_epochs"), ("model.lora.rank=4 model.lora.dropout=0.1", "model.lora.dropout"),
+    ("trainer.group_size=1 trainer.batch_size=4 algorithm.drop_zero_variance_groups=true", "algorithm.drop_zero_variance_groups"),
+    ("algorithm.overlong_buffer=32", "algorithm.overlong_buffer"), ("algorithm.overlong_buffer=-1", "algorithm.overlong_buffer"),
+    ("algorithm.overlong_penalty=-1", "algorithm.overlong_penalty"),
     ("batch_invariance.reference_batch_size=0", "batch_invariance.reference_batch_size"),
+    ("batch_invariance.reference_num_minibatches=2", "batch_invariance.reference_num_minibatches"),
+    ("batch_invariance.reference_batch_size=6 batch_invariance.reference_num_minibatches=4",
+     "batch_invariance.reference_num_minibatches"),
     ("weight_sync.backend=mpi", "weight_sync.backend"), ("weight_sync.bucket_mb=0", "weight_sync.bucket_mb"),
     ("weight_sync.timeout_s=0", "weight_sync.timeout_s"), ("checkpoint.every_steps=-1", "checkpoint.every_steps"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"), ("checkpoint.resume=''", "checkpoint.resume"),
@@ -73,3 +81,8 @@ def test_invalid_combination_ewma_with_coupled_ppo():
 def test_staleness_message_says_how_to_fix():
     assert _error(["staleness.max_staleness=-1"]) == (
         "staleness.max_staleness=-1 must be >= 0; use 0 for synchronous training")
+
+
+def test_lora_dropout_is_allowed_once_dropout_is_kept():
+    validate(compose(["output_dir=/tmp/unused", "model.lora.rank=4", "model.lora.dropout=0.1",
+                      "trainer.disable_dropout=false"]))

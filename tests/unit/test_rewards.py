@@ -46,3 +46,15 @@ def test_text_hash_reward_is_fixed_by_the_text_and_spread_over_0_1():
     rewards = [text_hash_reward(f"response {i}", "") for i in range(1000)]
     assert all(0 <= r < 1 for r in rewards) and len(set(rewards)) == 1000
     assert 0.45 < sum(rewards) / len(rewards) < 0.55  # uniform-looking: mean ~ 0.5
+
+
+def test_overlong_penalty_is_linear_over_the_buffer():
+    from rewards.shaping import overlong_penalty
+
+    # L_max = 100, buffer 20: no penalty up to 80 tokens, then linear to -factor at 100
+    assert overlong_penalty(80, 100, 20, 1.0) == 0.0
+    assert overlong_penalty(90, 100, 20, 1.0) == -0.5
+    assert overlong_penalty(100, 100, 20, 2.0) == -2.0
+    assert overlong_penalty(100, 100, 0, 1.0) == 0.0  # off
+    with pytest.raises(ValueError, match="overlong_buffer"):
+        overlong_penalty(10, 100, 100, 1.0)

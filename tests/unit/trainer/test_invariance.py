@@ -146,3 +146,17 @@ def test_ewma_params_float32_accumulator_for_bf16():
     assert ema.averaged()[0].dtype == torch.float32
     assert ema.averaged()[0].tolist() == pytest.approx([1.0] * 4)
     assert math.isclose(ema.beta, 0.999)
+
+
+def test_minibatches_scale_the_per_update_rules_by_the_minibatch_ratio():
+    # reference: B_ref = 64 in K_ref = 1 update; this run: B = 64 in K = 4 updates of 16.
+    # Per optimizer update the batch shrank by c = 64 / 16 = 4 (lr, Adam betas, EWMA centre of mass);
+    # per training step it did not (c_batch = 1: the advantage-norm span stays 100 steps)
+    h = derive_invariant_hparams(64, 64, lr_ref=1e-6, ewma_beta_ref=0.5, adv_norm_span_ref=100.0,
+                                 adapt_adam_betas=True, num_minibatches=4, reference_num_minibatches=1)
+    assert h.c == 4.0 and h.c_batch == 1.0
+    assert h.lr == pytest.approx(5e-7) and h.ewma_center_of_mass == pytest.approx(4.0)
+    assert h.adv_norm_span == pytest.approx(100.0)
+    # the same K in both (the default): B = 16 in 2 updates of 8 against 64 in 2 of 32 -> c = c_batch = 4
+    h = derive_invariant_hparams(64, 16, lr_ref=1e-6, ewma_beta_ref=0.5, adv_norm_span_ref=100.0, num_minibatches=2)
+    assert h.c == 4.0 and h.c_batch == 4.0 and h.adv_norm_span == pytest.approx(400.0)
