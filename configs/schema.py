@@ -90,7 +90,10 @@ class TrainerConfig:
     lr: float = 1e-5  # 2e-5 collapsed entropy within 6 steps on one seed of the default task
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    micro_batch_size: int = 8  # trajectories per forward/backward; does not change the gradient
+    pack_sequences: bool = True  # trajectories packed into rows with no padding (variable-length attention); false = the padded layout
+    max_tokens_per_micro_batch: int = 8192  # packed: token budget of one forward/backward (memory vs kernel efficiency); does not change the gradient
+    micro_batch_size: int = 8  # padded layout only: trajectories per forward/backward; does not change the gradient
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute
     num_minibatches: int = 1  # optimizer updates per pass over the batch, each on 1/K of it (PPO minibatches); 1 + recompute = the clip never acts
     ppo_epochs: int = 1  # passes over the batch per training step; pi_prox stays fixed for all of them
     disable_dropout: bool = True  # dropout off in every pass (as TRL); false keeps the model's (and LoRA's) dropout in the gradient pass only
@@ -101,7 +104,7 @@ class TrainerConfig:
     inject_nan_steps: list[int] = field(default_factory=list)  # fault-injection hook: NaN loss at these steps (tests only)
     num_cpus: float = 1.0  # per trainer worker
     num_gpus: float = 0.0  # per trainer worker
-    torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset = Ray's share (trainer.num_cpus)
+    torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset = every core of its node on CPU (the engines idle while it trains at eta=0), torch's default on GPU
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
 
@@ -297,6 +300,8 @@ def validate(cfg) -> None:
     _check(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
     _check(t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0")
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _check(t.max_tokens_per_micro_batch >= 1, "trainer.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch,
+           "must be >= 1 token (a longer trajectory still gets a micro-batch of its own)")
     _check(t.num_workers >= 1, "trainer.num_workers", t.num_workers, "must be >= 1")
     _check(t.num_workers == 1 or t.fsdp is not False, "trainer.fsdp", t.fsdp,
            f"must be true (or unset) with trainer.num_workers={t.num_workers}: several workers shard with FSDP2")

@@ -27,6 +27,9 @@ class Trajectory:
     interruptions: int = 0  # how many publishes this response lived through
     reward_error: bool = False
     info: dict = field(default_factory=dict)
+    # per response token: 1 = written by the model (trained on), 0 = context it did not write (a tool's
+    # output in a multi-turn episode); None = every token is the model's
+    loss_mask: list[int] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
@@ -35,6 +38,19 @@ class Trajectory:
                 f"Trajectory {self.traj_id}: response has {n} tokens but "
                 f"{len(self.logp_behav)} log-probs and {len(self.versions)} versions"
             )
+        if self.loss_mask is not None and len(self.loss_mask) != n:
+            raise ValueError(f"Trajectory {self.traj_id}: response has {n} tokens but a loss mask of {len(self.loss_mask)}")
+
+    def loss_weights(self) -> list[float]:
+        """Per response token, 1.0 where the loss applies (the model's tokens), else 0.0."""
+        if self.loss_mask is None:
+            return [1.0] * len(self.response_ids)
+        return [float(m) for m in self.loss_mask]
+
+    @property
+    def num_trained_tokens(self) -> int:
+        """Response tokens the loss applies to (the token-mean denominator counts these)."""
+        return len(self.response_ids) if self.loss_mask is None else int(sum(self.loss_mask))
 
     @property
     def num_tokens(self) -> int:

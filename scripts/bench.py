@@ -194,11 +194,14 @@ def _standalone_trainer(cfg, model_dir: str, layout: dict, steps: int) -> dict:
 
     from trainer.worker import TrainerWorker
 
+    from trainer.loop import start_trainer_group
+
     batch = _synthetic_batch(cfg, model_dir)
     trainer = ray.remote(TrainerWorker).options(num_cpus=cfg.trainer.num_cpus,
                                                 num_gpus=layout["trainer_gpus"]).remote(cfg, model_dir)
     times = []
     try:
+        start_trainer_group([trainer], layout["trainer_gpus"] > 0)
         ray.get(trainer.train_step.remote(batch))
         for _ in range(steps):
             t0 = time.perf_counter()

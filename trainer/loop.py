@@ -28,7 +28,6 @@ from staleness.service import StalenessService
 from trainer import checkpoint
 from trainer.invariance import effective_hparams
 from trainer.monitor import Monitor, plot_run
-from trainer.parallel import uses_fsdp
 from trainer.worker import TrainerWorker
 
 log = logging.getLogger("tether")
@@ -117,6 +116,15 @@ def _reserve(num_cpus: float, num_gpus: float, who: str, timeout_s: float = 120.
     return pg
 
 
+def start_trainer_group(trainers: list, on_gpu: bool) -> None:
+    """Form the trainers' torch.distributed group when they shard with FSDP2 (several workers, or
+    mixed precision on one GPU): every rank joins at once; then each shards and builds its optimizer."""
+    if not ray.get(trainers[0].uses_group.remote()):
+        return
+    host, port = ray.get(trainers[0].sync_address.remote())
+    ray.get([t.init_group.remote(host, port, "nccl" if on_gpu else "gloo") for t in trainers])
+
+
 class Run:
     def __init__(self, cfg, model_dir: str, layout: dict, task) -> None:
         self.cfg = cfg
@@ -179,10 +187,7 @@ class Run:
         ray.get([w.start.remote() for w in self.workers])  # engines up (vLLM: tens of seconds)
         infos = ray.get([w.ping.remote() for w in self.workers])
         self.incarnations, self.pids = [i["incarnation"] for i in infos], [i["pid"] for i in infos]
-        if uses_fsdp(cfg.trainer.fsdp, len(self.trainers)):
-            host, port = ray.get(self.trainer.sync_address.remote())
-            backend = "nccl" if self.layout["trainer_gpus"] > 0 else "gloo"
-            self._all_trainers("init_group", host, port, backend)
+        start_trainer_group(self.trainers, self.layout["trainer_gpus"] > 0)
         self.metas = ray.get(self.trainer.param_metas.remote())
         self._init_weight_sync()
 

@@ -4,7 +4,7 @@
     shard(model)                      # FSDP2 `fully_shard` per decoder layer, then the root
     full(t) / local(t)                # the whole tensor (a collective on sharded params) / this rank's shard
     shard_of(full_tensor, like)       # this rank's part of a full tensor, laid out like parameter `like`
-    all_reduce_sum(values)            # sum a list of floats over the ranks
+    all_reduce_sum(values)            # sum a tensor (or list) of floats over the ranks
 
 Every rank receives the whole batch and computes the same advantages; each trains on its share
 of the trajectories. Every micro-batch loss is divided by the global token count and multiplied
@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def uses_fsdp(fsdp: bool | None, world_size: int) -> bool:
-    """trainer.fsdp, or (unset) whether there is more than one trainer worker."""
-    return fsdp if fsdp is not None else world_size > 1
+def uses_fsdp(fsdp: bool | None, world_size: int, mixed_precision: bool = False) -> bool:
+    """trainer.fsdp, or (unset) whether there is more than one trainer worker or the trainer computes in
+    bf16/fp16 on a GPU (FSDP2's mixed precision, which needs a process group even for one rank)."""
+    return fsdp if fsdp is not None else (world_size > 1 or mixed_precision)
 
 
 def init_trainer_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
@@ -43,13 +44,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def shard(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
-    """FSDP2: shard every decoder layer and the rest of the model over the trainer group."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None, mesh=None) -> torch.nn.Module:
+    """FSDP2: shard every decoder layer and the rest of the model over the trainer group. With a
+    `compute_dtype` (bf16 on GPU), parameters are gathered in that dtype for forward and backward while
+    the sharded float32 masters, the optimizer and the gradient reduction stay in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
@@ -70,11 +75,11 @@ def shard_of(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+def all_reduce_sum(values: torch.Tensor | list[float], device: torch.device) -> list[float]:
+    """Sum over the ranks (one collective), returned as Python floats (one device-to-host copy)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
     return t.tolist()
 
 

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import resource
 import shutil
 import time
@@ -42,7 +43,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rollout.trajectory import Trajectory
 from rollout.weight_sync import broadcast_send, fingerprint, free_address, ipc_pack, make_group, metas_of
 from trainer import lora, parallel
+from trainer.logprobs import LogProbHead, install_logprob_head
 from trainer.minibatch import UpdateStats, split_minibatches
+from trainer.packing import PackedBatch, pack, pad, plan_micro_batches, use_packed_attention
 from trainer.advantages import EWMANormalizer, group_advantages
 from trainer.invariance import EWMAParams, effective_hparams
 from trainer.losses import aggregate, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
@@ -58,11 +61,18 @@ class TrainerWorker:
         logging.basicConfig(level=cfg.logger.log_level, format="%(asctime)s %(name)s: %(message)s")
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        self.fsdp = parallel.uses_fsdp(cfg.trainer.fsdp, world_size)
         torch.manual_seed(cfg.seed)
-        if cfg.trainer.torch_threads:
-            torch.set_num_threads(cfg.trainer.torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray hides GPUs not assigned
+        self.sync_dtype = getattr(torch, cfg.model.dtype)
+        # bf16/fp16 compute over fp32 master weights on GPU: FSDP2's mixed precision, also on one rank
+        self.mixed_precision = self.device.type == "cuda" and self.sync_dtype != torch.float32
+        self.fsdp = parallel.uses_fsdp(cfg.trainer.fsdp, world_size, self.mixed_precision)
+        if self.device.type == "cpu":
+            # unset: every core of this node (Ray's OMP_NUM_THREADS would hold the trainer to trainer.num_cpus
+            # even while the engines are idle)
+            torch.set_num_threads(cfg.trainer.torch_threads or os.cpu_count() or 1)
+        elif cfg.trainer.torch_threads:
+            torch.set_num_threads(cfg.trainer.torch_threads)
         # fp32 master weights; the engines get them cast to model.dtype at publish
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
         self.model.config.use_cache = False
@@ -73,10 +83,15 @@ class TrainerWorker:
             self.lora_scale = lora.scalings(self.model)
         if cfg.trainer.disable_dropout:
             _disable_dropout(self.model)
+        self.packed = cfg.trainer.pack_sequences
+        if self.packed:  # no compute on padding, log-probs from hidden states in chunks (trainer/packing.py)
+            use_packed_attention(self.model)
+            install_logprob_head(self.model)
+        if cfg.trainer.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
-        self.sync_dtype = getattr(torch, cfg.model.dtype)
-        # on GPU, forward/backward in model.dtype (autocast) over the fp32 master weights
-        self.autocast = self.device.type == "cuda" and self.sync_dtype != torch.float32
+        # GPU without FSDP (trainer.fsdp=false): per-op autocast to model.dtype over the fp32 master weights
+        self.autocast = self.mixed_precision and not self.fsdp
         self.hparams = effective_hparams(cfg)  # batch-size invariance derives these from the reference
         self.adv_norm = EWMANormalizer(self.hparams["adv_norm_span"]) if self.hparams["adv_norm_span"] else None
         self.group = None
@@ -99,9 +114,9 @@ class TrainerWorker:
         if alg.kl_coef > 0 and self.lora_scale is None:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             if self.fsdp:
-                parallel.shard(self.ref_model)
+                parallel.shard(self.ref_model, self._mp_dtype())
         if self.fsdp:
-            parallel.shard(self.model)
+            parallel.shard(self.model, self._mp_dtype())
         self.trained = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
         self.optimizer = torch.optim.AdamW(
             self.trained, lr=self.hparams["lr"], betas=self.hparams["adam_betas"], weight_decay=cfg.trainer.weight_decay,
@@ -113,6 +128,13 @@ class TrainerWorker:
         if alg.loss == "decoupled_ppo" and alg.proximal == "ewma":
             self.ewma = EWMAParams([local(p) for p in self.trained], self.hparams["ewma_decay"], dtype=torch.float32)
             self.ewma.update(local(p) for p in self.trained)
+
+    def _mp_dtype(self) -> torch.dtype | None:
+        return self.sync_dtype if self.mixed_precision else None
+
+    def uses_group(self) -> bool:
+        """Whether this trainer needs `init_group` before training (FSDP2, also on one GPU)."""
+        return self.fsdp
 
     # ---- weight sync (rank 0) ----------------------------------------------------------
     def sync_address(self) -> tuple[str, int]:
@@ -186,37 +208,30 @@ class TrainerWorker:
         return fingerprint((t for _, t in named), self.sync_dtype) if self.rank == 0 else None
 
     # ---- training ----------------------------------------------------------------------
-    def _batch_tensors(self, trajs: list[Trajectory]) -> dict[str, torch.Tensor]:
-        """Prompts left-padded and responses right-padded, so every response starts in column P and
-        the logits predicting response tokens are the last T + 1 positions but one."""
-        P = max(len(t.prompt_ids) for t in trajs)
-        T = max(len(t.response_ids) for t in trajs)
-        ids = torch.zeros(len(trajs), P + T, dtype=torch.long)  # (B, P + T)
-        attn = torch.zeros_like(ids)
-        targets = torch.zeros(len(trajs), T, dtype=torch.long)  # (B, T)
-        mask = torch.zeros(len(trajs), T)  # (B, T)
-        behav = torch.zeros(len(trajs), T)  # (B, T)
-        for b, t in enumerate(trajs):
-            p, n = len(t.prompt_ids), len(t.response_ids)
-            ids[b, P - p : P + n] = torch.tensor(t.prompt_ids + t.response_ids)
-            attn[b, P - p : P + n] = 1
-            targets[b, :n] = torch.tensor(t.response_ids)
-            mask[b, :n] = 1.0
-            behav[b, :n] = torch.tensor(t.logp_behav)
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P + T): positions as the engine saw them
-        return {k: v.to(self.device) for k, v in dict(ids=ids, attn=attn, positions=positions, targets=targets,
-                                                      mask=mask, behav=behav).items()}
+    def _batch_tensors(self, trajs: list[Trajectory], advantages: torch.Tensor | None = None):
+        """One micro-batch on the device: packed into one row (trainer.pack_sequences), or padded."""
+        adv = torch.zeros(len(trajs)) if advantages is None else advantages
+        return pack(trajs, adv, self.device) if self.packed else pad(trajs, adv, self.device)
 
-    def _logprobs(self, tb: dict[str, torch.Tensor], with_entropy: bool, model=None):
-        """Log-probs of the response tokens under `model` (default: the policy), at the sampling
-        temperature. Only response positions go through the LM head (`logits_to_keep`)."""
+    def _logprobs(self, batch, with_entropy: bool, model=None):
+        """Log-probs (and entropy) of the response tokens under `model` (default: the policy), at the sampling
+        temperature: (1, R) packed, (B, T) padded. Only the positions that predict a response token go
+        through the LM head."""
         model = model or self.model
-        T = tb["targets"].shape[1]
+        temperature = self.cfg.rollout.temperature
         with torch.autocast(self.device.type, dtype=self.sync_dtype, enabled=self.autocast):
-            out = model(input_ids=tb["ids"], attention_mask=tb["attn"], position_ids=tb["positions"],
+            if isinstance(batch, PackedBatch):
+                head = _output_head(model)
+                head.targets, head.temperature, head.want_entropy = batch.targets, temperature, with_entropy
+                logp = model(**batch.forward_kwargs(), logits_to_keep=batch.predict_at).logits  # (1, R)
+                entropy = head.entropy
+                head.targets = head.entropy = None
+                return logp, entropy
+            T = batch.targets.shape[1]
+            out = model(input_ids=batch.ids, attention_mask=batch.attn, position_ids=batch.positions,
                         logits_to_keep=T + 1, use_cache=False)
-        logits = out.logits[:, :-1].float() / self.cfg.rollout.temperature  # (B, T, V)
-        logp = token_logprobs(logits, tb["targets"])  # (B, T)
+        logits = out.logits[:, :-1].float() / temperature  # (B, T, V)
+        logp = token_logprobs(logits, batch.targets)  # (B, T)
         entropy = entropy_from_logits(logits.detach()) if with_entropy else None
         return logp, entropy
 
@@ -285,12 +300,17 @@ class TrainerWorker:
             adv = pending.normalize(adv)
         return adv, pending
 
-    def _shares(self, active: list[int]) -> list[list[int] | None]:
+    def _micro_batches(self, trajs: list[Trajectory], active: list[int]) -> list[list[int] | None]:
         """This rank's micro-batches of the active trajectories. Every rank runs the same number of
-        forward/backward passes (FSDP gathers in each); a rank short of work gets None entries,
-        run on a stand-in trajectory with its loss multiplied by 0."""
+        forward/backward passes (FSDP gathers in each); a rank short of work gets None entries, run on
+        a stand-in trajectory with its loss multiplied by 0. Packed: by the token budget, balanced
+        across ranks (trainer/packing.py); padded: trainer.micro_batch_size trajectories each."""
+        tc = self.cfg.trainer
+        if self.packed:
+            lengths = [t.num_tokens for t in trajs]
+            return plan_micro_batches(lengths, active, self.world_size, self.rank, tc.max_tokens_per_micro_batch)
         mine = active[self.rank :: self.world_size]
-        size = self.cfg.trainer.micro_batch_size
+        size = tc.micro_batch_size
         n = math.ceil(math.ceil(len(active) / self.world_size) / size)
         mbs: list[list[int] | None] = [mine[i : i + size] for i in range(0, len(mine), size)]
         return mbs + [None] * (n - len(mbs))
@@ -313,19 +333,22 @@ class TrainerWorker:
         minibatches = []
         for part in split_minibatches(len(trajs), tc.num_minibatches):
             kept = [i for i in part if trained[i]]
-            n_tokens = sum(len(trajs[i].response_ids) for i in kept)
+            n_tokens = sum(trajs[i].num_trained_tokens for i in kept)
             denominator = float(n_tokens if alg.agg_mode == "token-mean" else len(kept))
-            mbs = self._shares([i for i in part if i in active])
-            tensors = [self._batch_tensors([trajs[i] for i in (mb or [0])]) for mb in mbs]
+            mbs = self._micro_batches(trajs, [i for i in part if i in active])
+            tensors = [self._batch_tensors([trajs[i] for i in (mb or [0])], advantages[mb or [0]]) for mb in mbs]
             minibatches.append((mbs, tensors, denominator))
-        # pi_prox is fixed for the whole step: computed once, before the first update
-        prox = [self._proximal_logprobs(tensors) for _, tensors, _ in minibatches]
+        # pi_prox is fixed for the whole step: computed once, before the first update. With one update
+        # and recompute it is the policy at that update, so the gradient pass's own log-probs serve
+        # (detached) and the extra forward pass is saved.
+        single = tc.num_minibatches * tc.ppo_epochs == 1 and alg.loss == "decoupled_ppo" and self.ewma is None
+        prox = [None if single else self._proximal_logprobs(tensors) for _, tensors, _ in minibatches]
 
         stats = UpdateStats()
         for _ in range(tc.ppo_epochs):
             for (mbs, tensors, denominator), prox_mb in zip(minibatches, prox):
                 if denominator > 0:  # a minibatch with nothing to train on (all truncated and masked) makes no update
-                    stats.add(*self._update(mbs, tensors, prox_mb, advantages, denominator))
+                    stats.add(*self._update(mbs, tensors, prox_mb, denominator))
         skipped = stats.skipped > 0
         if skipped:
             self.skipped_in_a_row += 1
@@ -354,40 +377,41 @@ class TrainerWorker:
             "memory/max_allocated_gib": self._max_memory_gib(),
         }
 
-    def _update(self, mbs, tensors, prox, advantages, denominator: float) -> tuple[dict, float, bool]:
+    def _update(self, mbs, tensors, prox, denominator: float) -> tuple[dict, float, bool]:
         """One optimizer update on one minibatch: forward/backward per micro-batch (each loss divided by
-        the minibatch's global `denominator`), clip, step. Returns (sums over every rank, grad norm, applied)."""
+        the minibatch's global `denominator`), clip, step. `prox` holds pi_prox per micro-batch, or None to
+        take it from the gradient pass itself. Returns (sums over every rank, grad norm, applied)."""
         cfg, alg = self.cfg, self.cfg.algorithm
         # zeros, not None: AdamW skips parameters without a grad, a zero grad still applies momentum
         self.optimizer.zero_grad(set_to_none=False)
-        sums: dict[str, float] = defaultdict(float)
-        for mb, tb, logp_prox in zip(mbs, tensors, prox):
-            logp, entropy = self._logprobs(tb, True)
+        sums = torch.zeros(len(UpdateStats.KEYS), dtype=torch.float64, device=self.device)  # summed on the device
+        for mb, batch, logp_prox in zip(mbs, tensors, prox or [None] * len(mbs)):
+            logp, entropy = self._logprobs(batch, True)
+            if logp_prox is None:
+                logp_prox = logp.detach()
             weight = 0.0 if mb is None else 1.0  # a stand-in micro-batch contributes nothing
-            adv = advantages[mb or [0]].to(self.device).unsqueeze(1).expand_as(logp)  # (B, T)
-            mask = tb["mask"] * weight
+            mask = batch.mask * weight
             loss, stats = policy_loss(
-                logp, logp_prox, tb["behav"], adv, mask,
+                logp, logp_prox, batch.behav, batch.advantages, mask,
                 eps_low=alg.eps_low, eps_high=alg.eps_high, behav_weight_cap=alg.behav_weight_cap,
                 cap_mode=alg.behav_weight_cap_mode, loss_denominator=denominator, agg_mode=alg.agg_mode,
             )
+            kl = torch.zeros((), device=self.device)
             if alg.kl_coef > 0:
-                logp_ref = self._reference_logprobs(tb)
+                logp_ref = self._reference_logprobs(batch)
                 kl = aggregate(kl_penalty(logp, logp_ref, alg.kl_estimator), mask, alg.agg_mode, denominator)
-                sums["kl"] += kl.item()
                 loss = loss + alg.kl_coef * kl
             if self.steps + 1 in cfg.trainer.inject_nan_steps:  # fault-injection test hook, off by default
                 loss = loss * float("nan")
             # FSDP averages gradients over the ranks; the loss is already the global token-mean
             (loss * self.world_size if self.fsdp else loss).backward()
-            sums["loss"] += loss.item()
-            sums["entropy"] += (entropy * mask).sum().item()
-            # engine-vs-trainer mismatch (zero lag would make this ~0 but for kernel differences)
-            sums["prox_behav_diff"] += ((logp_prox - tb["behav"]) * mask).sum().item()
-            for k, v in stats.items():
-                sums[k] += float(v)
-        keys = UpdateStats.KEYS
-        sums = dict(zip(keys, parallel.all_reduce_sum([sums[k] for k in keys], self.device)))
+            with torch.no_grad():
+                # engine-vs-trainer mismatch (zero lag would make this ~0 but for kernel differences)
+                diff = torch.where(mask > 0, logp_prox - batch.behav, torch.zeros_like(logp_prox))
+                sums += torch.stack([loss.detach(), kl.detach(), (entropy * mask).sum(), (diff * mask).sum(),
+                                     stats["tokens"], stats["clipped"], stats["approx_kl"], stats["capped"]]).double()
+        # one device-to-host transfer per update (after the all-reduce), not one per micro-batch
+        sums = dict(zip(UpdateStats.KEYS, parallel.all_reduce_sum(sums, self.device)))
         grad_norm = full(torch.nn.utils.clip_grad_norm_(self.trained, cfg.trainer.grad_clip)).item()
         applied = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
         if applied:
@@ -498,3 +522,8 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def _output_head(model: torch.nn.Module) -> LogProbHead:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()

@@ -71,8 +71,8 @@ def test_two_fsdp_workers_match_one(tmp_path, ray_local, tiny_model_dir, num_min
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     initial = _weights(Path(tiny_model_dir))
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    for name in a:  # 1e-6 per Adam update of lr 1e-4: float noise of the summation order, nothing more
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6 * num_minibatches, msg=name)
     assert any(not torch.equal(a[n], initial[n]) for n in a if n in initial)  # the step did move the weights
 
 

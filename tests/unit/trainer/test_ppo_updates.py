@@ -8,6 +8,7 @@ import torch
 
 from rollout.trajectory import Trajectory
 from tests.conftest import compose
+from trainer.packing import per_trajectory
 
 
 def _trainer(tiny_model_dir, tmp_path, *overrides):
@@ -36,9 +37,9 @@ def _on_policy(trainer, trajs):
     """Behaviour log-probs = the trainer's own at its current weights (w = 1)."""
     tb = trainer._batch_tensors(trajs)
     with torch.no_grad():
-        per_token = trainer._logprobs(tb, False)[0]
-    for b, t in enumerate(trajs):
-        t.logp_behav = per_token[b, : len(t.response_ids)].tolist()
+        per_token = per_trajectory(trainer._logprobs(tb, False)[0], trajs, tb)
+    for t, values in zip(trajs, per_token):
+        t.logp_behav = values
     return trajs
 
 
@@ -51,8 +52,8 @@ def _digest(model) -> str:
 
 def test_one_update_per_batch_reproduces_the_single_update_step_bit_for_bit(tiny_model_dir, tmp_path):
     # K = 1: the parameters and the metrics the step produced before minibatches existed (same batch, same
-    # seed, micro-batches of 3), recorded from that code on this torch build
-    trainer = _trainer(tiny_model_dir, tmp_path)
+    # seed, padded micro-batches of 3), recorded from that code on this torch build
+    trainer = _trainer(tiny_model_dir, tmp_path, "trainer.pack_sequences=false")
     metrics = trainer.train_step(_batch())
     assert _digest(trainer.model) == "6454b7d9147d9fcf13bc1720a6ef43bb6f0e57ef3d10df96316b2afea06427b8"
     assert metrics["loss/policy"] == -4.388155139167793e-05
@@ -77,19 +78,19 @@ def test_second_minibatch_sees_u_not_one_and_the_clip_acts_where_the_numbers_say
     two = _trainer(tiny_model_dir, tmp_path, "trainer.lr=3e-2", "trainer.num_minibatches=2")
     batch = _on_policy(two, _batch())
     group1 = batch[4:]
-    tb1 = two._batch_tensors(group1)
+    adv = torch.tensor([t.reward for t in group1]) - 0.5  # dr_grpo: group 1's rewards 1, 0, 1, 0, mean 0.5
+    tb1 = two._batch_tensors(group1, adv)
     with torch.no_grad():
-        prox1 = two._logprobs(tb1, False)[0]  # (4, T) pi_prox of the second minibatch
+        prox1 = two._logprobs(tb1, False)[0]  # (1, R) pi_prox of the second minibatch
     metrics = two.train_step(batch)
 
     one = _trainer(tiny_model_dir, tmp_path, "trainer.lr=3e-2", "trainer.batch_size=4")
     one.train_step([Trajectory(**{**t.__dict__}) for t in batch[:4]])
     with torch.no_grad():
-        theta1 = one._logprobs(tb1, False)[0]  # (4, T) pi_theta after the first update
-    adv = torch.tensor([t.reward for t in group1]) - 0.5  # dr_grpo: group 1's rewards 1, 0, 1, 0, mean 0.5
-    mask = tb1["mask"] > 0
+        theta1 = one._logprobs(tb1, False)[0]  # (1, R) pi_theta after the first update
+    mask = tb1.mask > 0
     u = (theta1 - prox1).exp()
-    a = adv.unsqueeze(1).expand_as(u)
+    a = tb1.advantages  # each token's sequence advantage
     clipped = ((a > 0) & (u > 1 + eps)) | ((a < 0) & (u < 1 - eps))
     expected_clipfrac = (clipped & mask).sum().item() / mask.sum().item()
     log_u = (theta1 - prox1)[mask]

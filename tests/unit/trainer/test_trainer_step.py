@@ -16,9 +16,12 @@ def _trainer(tiny_model_dir, tmp_path, *overrides):
 
 
 def _logp(trainer, trajs):
+    from trainer.packing import per_trajectory
+
     tb = trainer._batch_tensors(trajs)
     with torch.no_grad():
-        return (trainer._logprobs(tb, False)[0] * tb["mask"]).sum(1)  # (B,) sequence log-prob
+        per_token = per_trajectory(trainer._logprobs(tb, False)[0], trajs, tb)
+    return torch.tensor([sum(v) for v in per_token])  # (B,) sequence log-prob
 
 
 def _group(trainer):
@@ -28,11 +31,13 @@ def _group(trainer):
         t = Trajectory(f"0-{k}", 0, "0", prompt, resp, [0.0] * len(resp), [0] * len(resp), 0, reward=reward)
         trajs.append(t)
     # behaviour log-probs = the trainer's own (on-policy), per token, at the sampling temperature
+    from trainer.packing import per_trajectory
+
     tb = trainer._batch_tensors(trajs)
     with torch.no_grad():
-        per_token = trainer._logprobs(tb, False)[0]
-    for b, t in enumerate(trajs):
-        t.logp_behav = per_token[b, : len(t.response_ids)].tolist()
+        per_token = per_trajectory(trainer._logprobs(tb, False)[0], trajs, tb)
+    for t, values in zip(trajs, per_token):
+        t.logp_behav = values
     return trajs
 
 
@@ -51,7 +56,8 @@ def test_micro_batch_size_does_not_change_the_gradient(tiny_model_dir, tmp_path)
     # into sign flips, so parameters after a step are no test of the gradient
     grads = []
     for mb in (1, 2):
-        trainer = _trainer(tiny_model_dir, tmp_path, f"trainer.micro_batch_size={mb}", "trainer.grad_clip=1e9")
+        trainer = _trainer(tiny_model_dir, tmp_path, "trainer.pack_sequences=false", f"trainer.micro_batch_size={mb}",
+                           "trainer.grad_clip=1e9")
         trainer.optimizer.step = lambda: None
         trainer.train_step(_group(trainer))
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
