@@ -102,6 +102,7 @@ class TrainerConfig:
     lr_warmup_steps: int = 0  # linear warm-up of the learning rate over this many steps
     max_skipped_steps: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
     inject_nan_steps: list[int] = field(default_factory=list)  # fault-injection hook: NaN loss at these steps (tests only)
+    profile_steps: list[int] = field(default_factory=list)  # torch.profiler trace + table of these training steps in output_dir/profile/
     num_cpus: float = 1.0  # per trainer worker
     num_gpus: float = 0.0  # per trainer worker
     torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset = every core of its node on CPU (the engines idle while it trains at eta=0), torch's default on GPU
@@ -315,6 +316,7 @@ def validate(cfg) -> None:
     _check(t.max_skipped_steps >= 1, "trainer.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
     _check(all(s >= 1 for s in t.inject_nan_steps), "trainer.inject_nan_steps", list(t.inject_nan_steps),
            "must list steps >= 1 (it is a fault-injection hook for tests; leave it empty)")
+    _check(all(s >= 1 for s in t.profile_steps), "trainer.profile_steps", list(t.profile_steps), "must list steps >= 1")
     _check(t.torch_threads is None or t.torch_threads >= 1, "trainer.torch_threads", t.torch_threads, "must be >= 1")
 
     a = cfg.algorithm

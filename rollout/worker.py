@@ -266,11 +266,11 @@ class RolloutWorker:
         return dict(self.stats)
 
     # ---- standalone throughput (scripts/bench.py) -------------------------------------
-    async def generate_standalone(self, tickets: list[dict]) -> dict:
+    async def generate_standalone(self, tickets: list[dict], concurrency: int | None = None) -> dict:
         """Generate and score the groups of `tickets` alone: no staleness service, no trainer, no publish,
-        with the pipeline's concurrency (rollout.max_concurrent_groups groups at once). The upper bound on
-        what this worker can feed the trainer. Returns token counts (prompt + response, as the trainer
-        counts consumed tokens) and the wall time."""
+        `concurrency` groups at once (default rollout.max_concurrent_groups). The upper bound on what this
+        worker can feed the trainer. Returns token counts (prompt + response, as the trainer counts
+        consumed tokens) and the wall time."""
         queue = list(reversed(tickets))
         trajs: list[Trajectory] = []
 
@@ -279,7 +279,7 @@ class RolloutWorker:
                 trajs.extend(await self._rollout_group(queue.pop()))
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(self.cfg.rollout.max_concurrent_groups)))
+        await asyncio.gather(*(loop() for _ in range(concurrency or self.cfg.rollout.max_concurrent_groups)))
         seconds = time.perf_counter() - t0
         trained = [t for t in trajs if not t.is_baseline]
         return {"trajectories": len(trained), "tokens": sum(t.num_tokens for t in trained),

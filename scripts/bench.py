@@ -84,7 +84,11 @@ REPO = Path(__file__).resolve().parent.parent
 # are not part of what is compared (TRL writes none either).
 PIPELINE_DEFAULTS = ["logger.wandb.mode=disabled", "logger.progress=false", "logger.sample_every=0",
                      "task.reward=text_hash", "checkpoint.enabled=false", "checkpoint.export_hf=false"]
-TIME_KEYS = ("time/step_s", "time/rollout_wait_s", "time/train_s", "time/weight_sync_s")
+TIME_KEYS = ("time/step_s", "time/rollout_wait_s", "time/train_s", "time/weight_sync_s",
+             "time/train_batch_s", "time/train_prox_s", "time/train_update_s")
+# dense bf16 peak of the GPU (no sparsity), for model FLOP utilisation; overridden by --peak-tflops
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+PARTS = ("sync", "async", "generation", "trainer", "transfer", "trl")
 
 
 def _compose(overrides: list[str]):
@@ -124,7 +128,8 @@ def _tether(cfg) -> dict:
         "max_staleness": cfg.staleness.max_staleness, "steps": len(rows),
         "consumed_tokens": sum(r["train/tokens"] for r in rows), "train_time_s": summary["train_time_s"],
         "effective_tokens_per_s": summary["perf/consumed_tokens_per_s"],
-        "time_median_s": {k: statistics.median(r[k] for r in rows) for k in TIME_KEYS},
+        "time_median_s": {k: statistics.median(r[k] for r in rows) for k in TIME_KEYS if k in rows[0]},
+        "train_tokens_per_s_median": statistics.median(r["train/tokens"] / r["time/train_s"] for r in rows),
         "rollout_tokens_per_s_median": statistics.median(r["rollout/tokens_per_s"] for r in rows),
         "response_len_mean": statistics.mean(r["rollout/response_len_mean"] for r in rows),
         "staleness_lag_max": summary["staleness/lag_max_seen"],
@@ -134,30 +139,43 @@ def _tether(cfg) -> dict:
     }
 
 
+def _pipeline_concurrency(cfg) -> int:
+    """Groups one rollout worker generates at once in the asynchronous run: its loops
+    (rollout.max_concurrent_groups), unless the admission rule allows fewer in flight ((eta + 1) * B)."""
+    r, t = cfg.rollout, cfg.trainer
+    admitted = (cfg.staleness.max_staleness + 1) * t.batch_size // t.group_size
+    return max(1, min(r.max_concurrent_groups, math.ceil(admitted / r.num_workers)))
+
+
 def _standalone_generation(cfg, model_dir: str, layout: dict, num_prompts: int) -> dict:
-    """The rollout workers alone (no trainer, no publish) on the groups a run consumes, with the run's
-    engines, resources and concurrency: the most they can feed the trainer."""
+    """The rollout workers alone (no trainer, no publish), with the run's engines, resources and the
+    concurrency the asynchronous run generates with: the most they can feed the trainer. At least four
+    waves of groups, so the long tail of the last wave does not dominate the rate."""
     import ray
 
     from rollout.worker import RolloutWorker
 
-    order = _prompt_order(cfg, num_prompts, _num_groups(cfg))
-    tickets = [{"seq": seq, "prompt_index": p, "version": 0} for seq, p in enumerate(order)]
     r = cfg.rollout
+    concurrency = _pipeline_concurrency(cfg)
+    groups = max(_num_groups(cfg), 4 * concurrency * r.num_workers)
+    order = _prompt_order(cfg, num_prompts, groups)
+    tickets = [{"seq": seq, "prompt_index": p, "version": 0} for seq, p in enumerate(order)]
     workers = [ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=layout["rollout_gpus"],
                                                  max_concurrency=10_000).remote(i, cfg, model_dir, None)
                for i in range(r.num_workers)]
     try:
         ray.get([w.start.remote() for w in workers])  # engines up, not timed
         t0 = time.perf_counter()
-        parts = ray.get([w.generate_standalone.remote(tickets[i :: len(workers)]) for i, w in enumerate(workers)])
+        parts = ray.get([w.generate_standalone.remote(tickets[i :: len(workers)], concurrency)
+                         for i, w in enumerate(workers)])
         seconds = time.perf_counter() - t0
         ray.get([w.close.remote() for w in workers])
     finally:
         for w in workers:
             ray.kill(w)
     tokens, response = sum(p["tokens"] for p in parts), sum(p["response_tokens"] for p in parts)
-    return {"groups": len(tickets), "trajectories": sum(p["trajectories"] for p in parts), "tokens": tokens,
+    return {"groups": len(tickets), "concurrent_groups_per_worker": concurrency,
+            "trajectories": sum(p["trajectories"] for p in parts), "tokens": tokens,
             "response_tokens": response, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "response_tokens_per_s": response / seconds}
 
@@ -214,7 +232,9 @@ def _standalone_trainer(cfg, model_dir: str, layout: dict, steps: int) -> dict:
                            "was trained on; its throughput would not be comparable")
     tokens = sum(t.num_tokens for t in batch)
     return {"steps": steps, "batch_tokens": tokens, "step_s_median": statistics.median(times),
-            "tokens_per_s": tokens * steps / sum(times), "memory_peak_gib": metrics["memory/max_allocated_gib"]}
+            "tokens_per_s": tokens * steps / sum(times), "memory_peak_gib": metrics["memory/max_allocated_gib"],
+            "time_s": {k: metrics[k] for k in ("time/train_batch_s", "time/train_prox_s", "time/train_update_s")},
+            "micro_batches": metrics["train/micro_batches"], "padding_frac": metrics["train/padding_frac"]}
 
 
 def _bare_transfer(cfg, layout: dict, nbytes: int, repeats: int) -> dict:
@@ -429,18 +449,39 @@ def _workload(cfg, layout: dict) -> dict:
 
 
 def _ratios(systems: dict) -> dict:
-    sync, async_ = systems["tether_sync"], systems["tether_async"]
-    gen, train = systems["standalone_generation"], systems["standalone_trainer"]
-    bare, trl = systems["bare_transfer"], systems["trl"]
-    return {
-        "async_over_sync": async_["effective_tokens_per_s"] / sync["effective_tokens_per_s"],
+    """The ratios whose parts were measured (None where one is missing)."""
+    def get(name):
+        return systems.get(name) if isinstance(systems.get(name), dict) else None
+
+    sync, async_, gen, train, bare, trl = map(get, ("tether_sync", "tether_async", "standalone_generation",
+                                                    "standalone_trainer", "bare_transfer", "trl"))
+    out = {"async_over_sync": None, "pipeline_efficiency": None, "weight_sync_bandwidth_fraction": None,
+           "tether_over_trl": None, "train_s_async_over_standalone": None}
+    if async_ and sync:
+        out["async_over_sync"] = async_["effective_tokens_per_s"] / sync["effective_tokens_per_s"]
+    if async_ and gen and train:
         # the pipeline is at best as fast as its slower stage running alone
-        "pipeline_efficiency": async_["effective_tokens_per_s"] / min(gen["tokens_per_s"], train["tokens_per_s"]),
+        out["pipeline_efficiency"] = async_["effective_tokens_per_s"] / min(gen["tokens_per_s"], train["tokens_per_s"])
+    if async_ and bare:
         # bytes/s of a publish as a fraction of the bare route's bytes/s (same bytes: a ratio of times)
-        "weight_sync_bandwidth_fraction": bare["seconds_median"] / async_["time_median_s"]["time/weight_sync_s"],
-        "tether_over_trl": (async_["effective_tokens_per_s"] / trl["effective_tokens_per_s"]
-                            if isinstance(trl, dict) else None),
-    }
+        out["weight_sync_bandwidth_fraction"] = bare["seconds_median"] / async_["time_median_s"]["time/weight_sync_s"]
+    if async_ and trl:
+        out["tether_over_trl"] = async_["effective_tokens_per_s"] / trl["effective_tokens_per_s"]
+    if async_ and train:
+        # training speed inside the pipeline against alone, per token (the batches differ in size)
+        out["train_s_async_over_standalone"] = train["tokens_per_s"] / async_["train_tokens_per_s_median"]
+    return out
+
+
+def _mfu(systems: dict, params: int, peak_tflops: float | None) -> dict | None:
+    """Model FLOP utilisation of the trainer: 6 * N * trained tokens/s / peak (forward + backward of a dense
+    model, attention and the pi_prox pass not counted), standalone and inside the asynchronous run."""
+    if not peak_tflops:
+        return None
+    rates = {"standalone_trainer": (systems.get("standalone_trainer") or {}).get("tokens_per_s"),
+             "tether_async_train": (systems.get("tether_async") or {}).get("train_tokens_per_s_median")}
+    return {"formula": "6 * N * tokens_per_s / (peak_tflops * 1e12)", "N": params, "peak_tflops": peak_tflops,
+            **{k: 6 * params * v / (peak_tflops * 1e12) for k, v in rates.items() if isinstance(v, (int, float))}}
 
 
 def pipeline(args) -> dict:
@@ -468,41 +509,68 @@ def pipeline(args) -> dict:
         if args.out:
             Path(args.out + ".partial").write_text(json.dumps(systems, indent=1))
 
-    for name, c in cfgs.items():
-        done(name, _tether(c))  # each run validates its config first
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        raise ConfigError(f"--parts={args.parts}: each part must be one of {', '.join(PARTS)}")
+    for name, part in (("tether_sync", "sync"), ("tether_async", "async")):
+        if part in parts:
+            done(name, _tether(cfgs[name]))  # each run validates its config first
+    import ray
+
+    from trainer.loop import _connect_ray
+
+    _connect_ray(cfg)
     model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
-    layout = _layout(cfg)  # Ray is up: the runs connected
+    layout = _layout(cfg)
     num_prompts = len(build_task(cfg.task).train)
-    done("standalone_generation", _standalone_generation(cfg, model_dir, layout, num_prompts))
-    done("standalone_trainer", _standalone_trainer(cfg, model_dir, layout, args.trainer_steps))
-    done("bare_transfer", _bare_transfer(cfg, layout, systems["tether_async"]["weight_sync_bytes"], args.repeats))
-    done("trl", "off" if args.trl_generation == "off" else _trl(cfg, model_dir, workdir, args.trl_generation))
+    if "generation" in parts:
+        done("standalone_generation", _standalone_generation(cfg, model_dir, layout, num_prompts))
+    if "trainer" in parts:
+        done("standalone_trainer", _standalone_trainer(cfg, model_dir, layout, args.trainer_steps))
+    if "transfer" in parts:
+        nbytes = (systems.get("tether_async") or systems.get("tether_sync") or {}).get("weight_sync_bytes") \
+            or _model_bytes(model_dir, cfg.model.dtype)[1]
+        done("bare_transfer", _bare_transfer(cfg, layout, nbytes, args.repeats))
+    if "trl" in parts:
+        ray.shutdown()  # TRL runs in this process: give its GPU memory back first
+        done("trl", "off" if args.trl_generation == "off" else _trl(cfg, model_dir, workdir, args.trl_generation))
+    env = _environment(cfg, model_dir)
+    gpus = env["hardware"]["gpus"]
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if gpus and k in gpus[0]), None)
     effective = {k: systems[k]["effective_tokens_per_s"] for k in ("tether_sync", "tether_async", "trl")
-                 if isinstance(systems[k], dict)}
+                 if isinstance(systems.get(k), dict)}
+    memory = {k: systems[s][f] for k, s, f in (("tether_sync_trainer", "tether_sync", "trainer_memory_peak_gib"),
+                                                 ("tether_async_trainer", "tether_async", "trainer_memory_peak_gib"),
+                                                 ("standalone_trainer", "standalone_trainer", "memory_peak_gib"),
+                                                 ("trl_process", "trl", "process_memory_peak_gib"))
+              if isinstance(systems.get(s), dict)}
     return {"kind": "pipeline", "command": " ".join(["python", "scripts/bench.py", *args.argv]),
-            **_environment(cfg, model_dir), "workload": _workload(cfg, layout), "systems": systems,
+            **env, "workload": _workload(cfg, layout), "systems": systems,
             "effective_tokens_per_s": effective, "ratios": _ratios(systems),
-            "targets": {"async_over_sync": 2.5, "pipeline_efficiency": 0.85},
-            "memory_peak_gib": {"tether_sync_trainer": systems["tether_sync"]["trainer_memory_peak_gib"],
-                                "tether_async_trainer": systems["tether_async"]["trainer_memory_peak_gib"],
-                                "standalone_trainer": systems["standalone_trainer"]["memory_peak_gib"],
-                                **({"trl_process": systems["trl"]["process_memory_peak_gib"]}
-                                   if isinstance(systems["trl"], dict) else {})}}
+            "model_flop_utilisation": _mfu(systems, env["model"]["parameters"], peak),
+            "targets": {"async_over_sync": 2.5, "pipeline_efficiency": 0.85}, "memory_peak_gib": memory}
 
 
 def _table(result: dict) -> str:
     s, ratio = result["systems"], result["ratios"]
-    trl = s["trl"]
-    lines = [f"{'system':<24}{'tokens/s':>12}  note",
-             *(f"{name:<24}{s[name]['effective_tokens_per_s']:>12.1f}  effective (consumed / training wall time)"
-               for name in ("tether_sync", "tether_async")),
-             (f"{'trl':<24}{trl['effective_tokens_per_s']:>12.1f}  effective, {trl['generation']}"
-              if isinstance(trl, dict) else f"{'trl':<24}{'-':>12}  {trl}"),
-             f"{'standalone_generation':<24}{s['standalone_generation']['tokens_per_s']:>12.1f}  rollout workers alone",
-             f"{'standalone_trainer':<24}{s['standalone_trainer']['tokens_per_s']:>12.1f}  train_step alone",
-             f"weight sync {s['tether_async']['time_median_s']['time/weight_sync_s']:.4g} s vs bare "
-             f"{s['bare_transfer']['seconds_median']:.4g} s ({s['bare_transfer']['route']})",
-             *(f"{k:<32}{v:.3f}" if v is not None else f"{k:<32}-" for k, v in ratio.items())]
+    rows = [("tether_sync", "effective_tokens_per_s", "effective (consumed / training wall time)"),
+            ("tether_async", "effective_tokens_per_s", "effective (consumed / training wall time)"),
+            ("trl", "effective_tokens_per_s", "effective, TRL GRPOTrainer"),
+            ("standalone_generation", "tokens_per_s", "rollout workers alone"),
+            ("standalone_trainer", "tokens_per_s", "train_step alone")]
+    lines = [f"{'system':<24}{'tokens/s':>12}  note"]
+    for name, key, note in rows:
+        value = s.get(name)
+        lines.append(f"{name:<24}{value[key]:>12.1f}  {note}" if isinstance(value, dict)
+                     else f"{name:<24}{'-':>12}  {value or 'not measured'}")
+    if isinstance(s.get("tether_async"), dict) and isinstance(s.get("bare_transfer"), dict):
+        lines.append(f"weight sync {s['tether_async']['time_median_s']['time/weight_sync_s']:.4g} s vs bare "
+                     f"{s['bare_transfer']['seconds_median']:.4g} s ({s['bare_transfer']['route']})")
+    mfu = result.get("model_flop_utilisation")
+    if mfu:
+        lines.append(f"MFU = {mfu['formula']}, N = {mfu['N']:,}, peak {mfu['peak_tflops']:g} TFLOP/s: " +
+                     ", ".join(f"{k} {v:.1%}" for k, v in mfu.items() if k.startswith(("standalone", "tether"))))
+    lines += [f"{k:<32}{v:.3f}" if v is not None else f"{k:<32}-" for k, v in ratio.items()]
     return "\n".join(lines)
 
 
@@ -530,6 +598,10 @@ def main(argv=None) -> int:
     p.add_argument("--trl-generation", choices=["auto", "transformers", "vllm", "off"], default="auto",
                    help="auto: TRL's colocated vLLM on GPU, transformers generate on CPU")
     p.add_argument("--workdir", default="outputs/bench", help="run outputs (metrics.jsonl, accounting.json) go here")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="comma-separated subset of " + ",".join(PARTS) + " (e.g. async,trl on separate GPUs side by side)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak for model FLOP utilisation; default by GPU name (H100/H200 989)")
     p.add_argument("--out", default=None)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for scripts/train.py")
     args = ap.parse_args(argv)

@@ -316,6 +316,30 @@ class TrainerWorker:
         return mbs + [None] * (n - len(mbs))
 
     def train_step(self, batch: list[Trajectory]) -> dict:
+        """One training step; with the step in trainer.profile_steps, under torch.profiler (trace and table in
+        output_dir/profile/)."""
+        if self.steps + 1 not in self.cfg.trainer.profile_steps:
+            return self._train_step(batch)
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=False) as prof:
+            metrics = self._train_step(batch)
+        out = Path(self.cfg.output_dir) / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"trainer_step_{self.steps:04d}_rank{self.rank}"
+        prof.export_chrome_trace(str(out / f"{name}.json"))
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        (out / f"{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
+        return metrics
+
+    def _sync(self) -> float:
+        """perf_counter after the device finished its queued work (a CPU-GPU sync point on GPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _train_step(self, batch: list[Trajectory]) -> dict:
         t0 = time.perf_counter()
         cfg, alg, tc = self.cfg, self.cfg.algorithm, self.cfg.trainer
         trajs = [t for t in batch if not t.is_baseline]
@@ -341,8 +365,10 @@ class TrainerWorker:
         # pi_prox is fixed for the whole step: computed once, before the first update. With one update
         # and recompute it is the policy at that update, so the gradient pass's own log-probs serve
         # (detached) and the extra forward pass is saved.
+        t_batch = self._sync()
         single = tc.num_minibatches * tc.ppo_epochs == 1 and alg.loss == "decoupled_ppo" and self.ewma is None
         prox = [None if single else self._proximal_logprobs(tensors) for _, tensors, _ in minibatches]
+        t_prox = self._sync()
 
         stats = UpdateStats()
         for _ in range(tc.ppo_epochs):
@@ -356,6 +382,7 @@ class TrainerWorker:
                         "updates (%d steps in a row).", self.steps + 1, stats.skipped, stats.updates, self.skipped_in_a_row)
         else:
             self.skipped_in_a_row = 0
+        t_update = self._sync()
         if pending_norm is not None and stats.applied > 0:
             self.adv_norm = pending_norm
         self.scheduler.step()  # the learning-rate schedule counts training steps, not updates
@@ -373,9 +400,25 @@ class TrainerWorker:
             "train/active_frac": len(active) / max(len(trajs), 1),  # trajectories trained on (non-zero advantage)
             "policy/ewma_center_of_mass_steps": self.hparams["ewma_center_of_mass_steps"] if self.ewma else 0.0,
             "train/tokens": sum(t.num_tokens for t in trajs),
+            **self._layout_stats(minibatches),
             "time/train_s": time.perf_counter() - t0,
+            # where the step's time went: building and moving the micro-batches, the pi_prox pass, the updates
+            "time/train_batch_s": t_batch - t0, "time/train_prox_s": t_prox - t_batch, "time/train_update_s": t_update - t_prox,
             "memory/max_allocated_gib": self._max_memory_gib(),
         }
+
+    def _layout_stats(self, minibatches) -> dict:
+        """This rank's micro-batches: how many, tokens in each, and the share of computed positions that are
+        padding (0 when packed; a stand-in micro-batch of a rank short of work counts as padding)."""
+        real, computed, count = 0, 0, 0
+        for mbs, tensors, _ in minibatches:
+            for mb, b in zip(mbs, tensors):
+                count += 1
+                size = b.ids.numel()
+                computed += size
+                real += 0 if mb is None else (size if isinstance(b, PackedBatch) else int(b.attn.sum()))
+        return {"train/micro_batches": count, "train/tokens_per_micro_batch": computed / max(count, 1),
+                "train/padding_frac": 1.0 - real / max(computed, 1)}
 
     def _update(self, mbs, tensors, prox, denominator: float) -> tuple[dict, float, bool]:
         """One optimizer update on one minibatch: forward/backward per micro-batch (each loss divided by

@@ -127,3 +127,17 @@ def test_chunked_logprobs_keep_no_vocabulary_sized_tensor_for_backward():
     full = sum(saved)
     assert chunked <= (R * H + V * H) * 4 + R * 16  # h, W, targets, lse
     assert full >= R * V * 4  # the full path keeps at least one (R, V) float32 tensor
+
+
+def test_step_reports_its_layout_and_time_breakdown_and_profiles_on_request(tiny_model_dir, tmp_path):
+    packed = _trainer(tiny_model_dir, tmp_path, "trainer.profile_steps=[1]", "trainer.max_tokens_per_micro_batch=64")
+    m = packed.train_step(_batch())
+    assert m["train/padding_frac"] == 0.0 and m["train/micro_batches"] >= 2
+    assert m["train/tokens_per_micro_batch"] <= 64 or m["train/micro_batches"] > 1
+    parts = m["time/train_batch_s"] + m["time/train_prox_s"] + m["time/train_update_s"]
+    assert 0 < parts <= m["time/train_s"]
+    table = (tmp_path / "profile" / "trainer_step_0001_rank0.txt").read_text()
+    assert "aten::" in table and (tmp_path / "profile" / "trainer_step_0001_rank0.json").exists()
+    # the padded layout of the same long-tail batch computes mostly padding: what packing removes
+    padded = _trainer(tiny_model_dir, tmp_path, "trainer.pack_sequences=false", "trainer.micro_batch_size=3")
+    assert padded.train_step(_batch())["train/padding_frac"] > 0.3
