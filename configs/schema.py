@@ -80,6 +80,7 @@ class RolloutConfig:
 class StalenessConfig:
     max_staleness: int = 4  # 0 = synchronous; higher = more overlap, more off-policy data
     max_running: Optional[int] = None  # cap on trajectories generating at once (all workers); unset = no cap
+    fixed_lag: Optional[int] = None  # experiments only: train every batch exactly k versions after its rollouts started (needs max_staleness >= k); unset = oldest first
 
 
 @dataclass
@@ -287,6 +288,10 @@ def validate(cfg) -> None:
 
     _check(cfg.staleness.max_staleness >= 0, "staleness.max_staleness", cfg.staleness.max_staleness,
            "must be >= 0; use 0 for synchronous training")
+    lag = cfg.staleness.fixed_lag
+    _check(lag is None or 0 <= lag <= cfg.staleness.max_staleness, "staleness.fixed_lag", lag,
+           f"must be in [0, staleness.max_staleness={cfg.staleness.max_staleness}] (the admission rule must let k "
+           "batches run ahead), or null for the usual oldest-first batches")
     _check(cfg.staleness.max_running is None or cfg.staleness.max_running >= cfg.trainer.group_size,
            "staleness.max_running", cfg.staleness.max_running, "must be >= trainer.group_size, or null for no cap")
 

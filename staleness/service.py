@@ -54,10 +54,14 @@ class StalenessService:
     """Ray actor (async): `ray.remote(StalenessService).remote(...)`."""
 
     def __init__(self, batch_size: int, max_staleness: int, max_running: int | None, num_prompts: int, seed: int,
-                 drop_zero_variance: bool = False) -> None:
+                 drop_zero_variance: bool = False, fixed_lag: int | None = None) -> None:
         self.ctl = StalenessController(batch_size, max_staleness, max_running)
         self.drop_zero_variance = drop_zero_variance  # algorithm.drop_zero_variance_groups (DAPO dynamic sampling)
         self._zero_variance_run = 0  # zero-variance groups dropped in a row
+        # experimental control (staleness.fixed_lag): every batch is trained exactly k versions after its
+        # rollouts started (min(k, version) during the first k steps); with max_staleness = k an older group
+        # is dropped as stale, so the lag is exactly k
+        self.fixed_lag = fixed_lag
         self.num_prompts = num_prompts
         self.seed = seed
         self.cursor = 0  # prompts drawn from the shuffled order so far, over all epochs
@@ -158,17 +162,18 @@ class StalenessService:
             return dropped
 
     async def get_batch(self, n: int) -> list[Trajectory]:
-        """The next n trajectories (whole groups, oldest first). A group whose lag would exceed
+        """The next n trajectories (whole groups, oldest first; see `_next_eligible`). A group whose lag would exceed
         staleness.max_staleness (possible only for a rollout slower than eta+1 whole steps)
         is dropped with reason "stale" instead of being trained on."""
         cond = self._condition()
         async with cond:
             batch: list[Trajectory] = []
             while _trained(batch) < n:
-                await cond.wait_for(lambda: self._buffer or self._stopped)
-                if not self._buffer:
+                await cond.wait_for(lambda: self._next_eligible() is not None or self._stopped)
+                index = self._next_eligible()
+                if index is None:
                     raise RuntimeError(f"the staleness service stopped with {len(batch)} of {n} trajectories batched")
-                group = self._buffer.pop(0)
+                group = self._buffer.pop(index)
                 self._outstanding.pop(int(group[0].group_id), None)
                 if self.ctl.version - group[0].start_version > self.ctl.max_staleness:
                     self.ctl.drop_buffered(_trained(group), "stale")
@@ -184,6 +189,14 @@ class StalenessService:
             self.ctl.consume(len(batch_trained), [self.ctl.version - t.start_version for t in batch_trained])
             cond.notify_all()
             return batch
+
+    def _next_eligible(self) -> int | None:
+        """Buffer index of the next group to batch: the oldest one, or with staleness.fixed_lag = k the
+        oldest that started at least min(k, version) versions ago (newer ones wait their turn)."""
+        if self.fixed_lag is None:
+            return 0 if self._buffer else None
+        newest = self.ctl.version - min(self.fixed_lag, self.ctl.version)
+        return next((i for i, g in enumerate(self._buffer) if g[0].start_version <= newest), None)
 
     async def pause(self) -> None:
         self.ctl.paused = True

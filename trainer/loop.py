@@ -140,7 +140,7 @@ class Run:
         try:
             self.service = ray.remote(StalenessService).options(num_cpus=0, name=f"tether:staleness:{self.run_id}").remote(
                 cfg.trainer.batch_size, cfg.staleness.max_staleness, cfg.staleness.max_running,
-                len(task.train), cfg.seed, cfg.algorithm.drop_zero_variance_groups,
+                len(task.train), cfg.seed, cfg.algorithm.drop_zero_variance_groups, cfg.staleness.fixed_lag,
             )
         except ValueError as e:  # the name is taken
             raise ConfigError(f"output_dir={cfg.output_dir!r} is being written by another run on this Ray cluster "

@@ -200,7 +200,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     groups = query.shape[1] // key.shape[1]
     if _VARLEN is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
         varlen_attn, has_window, has_gqa = _VARLEN
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (T, H, D)
         if groups > 1 and not has_gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         extra = {"window_size": (-1, 0)} if has_window else {"is_causal": True}
@@ -215,10 +215,16 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return torch.cat(outs, dim=2).transpose(1, 2), None  # (1, T, H, D)
 
 
+def _no_mask(*args, **kwargs):
+    return None  # attention stays within sequences by construction: no mask to build
+
+
 def register_attention() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
 
 
 def use_packed_attention(model: torch.nn.Module) -> None:

@@ -37,6 +37,7 @@ BAD = [
     ("rollout.forced_length_median=8 rollout.forced_length_max=4", "rollout.forced_length_max"),
     ("rollout.forced_length_median=8 rollout.forced_length_max=64", "rollout.forced_length_max"),
     ("staleness.max_staleness=-1", "staleness.max_staleness"), ("staleness.max_running=4", "staleness.max_running"),
+    ("staleness.fixed_lag=5", "staleness.fixed_lag"),
     ("trainer.group_size=0", "trainer.group_size"), ("trainer.batch_size=30", "trainer.batch_size"),
     ("trainer.max_steps=0", "trainer.max_steps"), ("trainer.num_cpus=0", "trainer.num_cpus/num_gpus"),
     ("trainer.lr=0", "trainer.lr"), ("trainer.weight_decay=-1", "trainer.weight_decay"), ("trainer.grad_clip=0", "trainer.grad_clip"),

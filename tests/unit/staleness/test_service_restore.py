@@ -107,3 +107,21 @@ def test_zero_variance_groups_are_dropped_before_the_buffer():
         assert acc["dropped"] == {"zero_variance": 2} and acc["consumed"] == 2 and acc["identity_holds"]
 
     asyncio.run(scenario())
+
+
+def test_fixed_lag_trains_each_batch_exactly_k_versions_after_it_started():
+    # B = 2 (one group of 2), eta = k = 2: batches at versions 0, 1, 2 come from version 0 (lags 0, 1, 2),
+    # then every batch is exactly 2 versions old, however fast newer groups finish
+    async def scenario():
+        svc = StalenessService(batch_size=2, max_staleness=2, max_running=None, num_prompts=50, seed=0, fixed_lag=2)
+        lags = []
+        for version in range(6):
+            await svc.set_version(version)
+            while svc.ctl.can_admit(2):
+                await svc.put(_group(await svc.acquire(2, "w0"), 2))  # finishes at once, newest last
+            batch = await svc.get_batch(2)
+            lags.append(version - batch[0].start_version)
+        assert lags == [0, 1, 2, 2, 2, 2]
+        assert (await svc.accounting())["identity_holds"]
+
+    asyncio.run(scenario())
