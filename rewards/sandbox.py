@@ -5,12 +5,24 @@
 
 `run_python` does not use `preexec_fn`: Python code between fork and exec can deadlock in a
 process that has threads (a Ray actor always has them; the subprocess docs call preexec_fn
-unsafe there). It starts a launcher instead, `_launch` below in a fresh single-threaded
-`python -I -S` run as the caller, which locks itself down and `execve`s the sandbox
-interpreter on the code, in this order: namespaces, private /tmp, watchdog, rlimits, uid,
-PR_SET_PDEATHSIG. It costs one extra interpreter start (about 30 ms).
+unsafe there). It starts a launcher instead (rewards/sandbox_launch.py, in a fresh
+single-threaded `python -I -S` run as the caller), which locks itself down and `execve`s the
+sandbox interpreter on the code. It costs one extra interpreter start (about 30 ms).
 
 What is isolated (Linux; each SandboxResult says what its run achieved):
+- Files. With a mount namespace (root, or an unprivileged user namespace) the code runs in a
+  private root: a fresh tmpfs made the root with pivot_root, holding only the sandbox
+  interpreter, its standard library (site-packages hidden), the shared libraries they load (as
+  `ldd` lists them), /etc/ld.so.cache and /dev/{null,zero,full,random,urandom}, each bound
+  read-only at its own path, plus /tmp (also on /var/tmp and /dev/shm): one private tmpfs of
+  disk_mb, the working directory /tmp/job, gone when the run ends. Nothing else of the host's
+  tree is reachable: no /etc/passwd, no /home, no project directory, no /proc, no /sys.
+  Where that cannot be set up, a warning is logged once and the run goes on with the host's
+  tree (`private_root=False`): /tmp alone is private if the mount namespace works, else the
+  working directory is a temporary directory on disk, removed afterwards, and files written to
+  world-writable directories stay; the code can then read every world-readable file (nothing
+  read can leave except through stdout and stderr). One file is at most max_file_mb
+  (RLIMIT_FSIZE). As a private uid the code can write nothing of the caller's.
 - Processes. Root ignores RLIMIT_NPROC (the kernel skips the check for root and for
   CAP_SYS_RESOURCE/CAP_SYS_ADMIN), so as root the code runs as a fresh unprivileged uid,
   _BASE_UID + launcher pid, with RLIMIT_NPROC = max_processes: an exact cap on the processes
@@ -22,16 +34,10 @@ What is isolated (Linux; each SandboxResult says what its run achieved):
   and cleanup is by process group only.
 - Network. unshare(CLONE_NEWNET) (with CLONE_NEWUSER when not root): the code sees only a
   loopback interface that is down, so it cannot connect anywhere, the host's 127.0.0.1
-  services included. Unix sockets on the filesystem are not covered by this; the private
-  uid's file permissions are what guards them. Where unshare is refused (e.g. a container
-  without CAP_SYS_ADMIN and without user namespaces) the run goes on with the network of the
-  host, `network_isolated=False`, and a warning is logged once.
-- Files. With a mount namespace, /tmp, /var/tmp, /dev/shm and the working directory are one
-  private tmpfs of disk_mb, gone when the run ends. Without one, the working directory is a
-  temporary directory on disk, removed afterwards, and files written to world-writable
-  directories stay. One file is at most max_file_mb (RLIMIT_FSIZE). As a private uid the
-  code can write nothing of the caller's; it can READ every world-readable file, though
-  nothing read can leave except through stdout and stderr.
+  services included. Unix sockets on the filesystem are out of reach in the private root;
+  without it, the private uid's file permissions are what guards them. Where unshare is refused
+  (e.g. a container without CAP_SYS_ADMIN and without user namespaces) the run goes on with the
+  network of the host, `network_isolated=False`, and a warning is logged once.
 - Memory and time. RLIMIT_AS = memory_mb and RLIMIT_CPU = cpu_s, each per process (so up to
   max_processes x memory_mb in all); RLIMIT_CORE = 0; wall clock timeout_s, then SIGKILL to the
   process group (and uid). A root-owned watchdog forked by the launcher kills everything at
@@ -40,11 +46,13 @@ What is isolated (Linux; each SandboxResult says what its run achieved):
 - Environment and interpreter. Only PATH, LANG, LC_ALL, HOME and TMPDIR are set (no WANDB_*,
   AWS_*, HF_* ...). Flags -I -S -B: no site-packages, no PYTHON* variables, no script
   directory on sys.path: the code gets the standard library of the sandbox interpreter only.
-  As root that interpreter must be reachable by other users (the venv's may sit under a
-  0700 /root), so the first world-executable one of the current and the system python3 is
-  used.
-- Not isolated: the PID namespace (the code sees other processes and their command lines in
-  /proc), SysV IPC where CLONE_NEWIPC is refused, kernel attack surface (no seccomp), timing
+  That interpreter is the base one of a virtual environment (its stdlib is the same), so no
+  path of the project shows in the private root; as root it must also be reachable by other
+  users (one under a 0700 /root is not), so the first world-executable one of it and the
+  system python3 is used.
+- Not isolated: the PID namespace (pids are shared; without /proc the code cannot list
+  processes, but not root it runs as the caller's uid and could signal the caller's processes
+  by pid), SysV IPC where CLONE_NEWIPC is refused, kernel attack surface (no seccomp), timing
   side channels. This guards against sloppy, runaway or mildly hostile model code, not
   against a determined attacker with a kernel exploit.
 """
@@ -55,6 +63,7 @@ import functools
 import json
 import logging
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -66,26 +75,24 @@ import threading
 import time
 from dataclasses import dataclass
 
+from rewards.sandbox_launch import _BASE_UID, _kill_uid, _live_uid  # noqa: F401 - _live_uid: tests
+
 log = logging.getLogger(__name__)
 
-_BASE_UID = 2_000_000_000  # + launcher pid (< 2**22): above the ranges distros and systemd hand out, below 2**31
-_WATCHDOG_GRACE_S = 2.0  # the parent kills at timeout_s; the watchdog only acts if the parent could not
 _SETUP_TIMEOUT_S = 30.0  # launcher start to exec; seconds on a loaded machine, never near this
 _DRAIN_S = 1.0  # after the kill, how long to wait for the pipes to close
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-# The launcher loads this file by path, not `rewards.sandbox`: rewards/__init__.py may one day import
-# what a `-I -S` interpreter (no site-packages) cannot. This module imports only the standard library.
+# The launcher loads its file by path, not `rewards.sandbox_launch`: rewards/__init__.py may one day import
+# what a `-I -S` interpreter (no site-packages) cannot. That file imports only the standard library.
 _LAUNCH = (
     "import importlib.util, sys; "
-    f"spec = importlib.util.spec_from_file_location('tether_sandbox_launcher', {os.path.abspath(__file__)!r}); "
+    "spec = importlib.util.spec_from_file_location('tether_sandbox_launcher', "
+    f"{os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sandbox_launch.py')!r}); "
     "module = sys.modules[spec.name] = importlib.util.module_from_spec(spec); "
     "spec.loader.exec_module(module); module._launch()"
 )
-
-# linux/sched.h, linux/mount.h, linux/prctl.h
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
-_MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
-_PR_SET_PDEATHSIG = 1
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_HIDDEN = ("site-packages", "dist-packages")  # inside a stdlib directory: not the standard library
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,7 @@ class SandboxResult:
     private_uid: bool  # ran as a fresh unprivileged uid: cannot touch the caller's files; cleanup by uid
     process_cap_exact: bool  # RLIMIT_NPROC counts this run's tasks only (private uid or user namespace)
     private_tmp: bool  # /tmp, /var/tmp, /dev/shm and the working directory are a private tmpfs
+    private_root: bool  # the code sees only the interpreter, its stdlib and libraries, a few devices and /tmp
     duration_s: float
 
 
@@ -126,8 +134,11 @@ def run_python(
     cpu_s = timeout_s + 1.0 if cpu_s is None else cpu_s
     if cpu_s <= 0:
         raise ValueError(f"cpu_s={cpu_s} must be > 0; leave it None for timeout_s + 1")
+    python = _sandbox_python(os.geteuid() == 0)
+    root, root_warning = _root_plan(python)
     spec = {
-        "python": _sandbox_python(os.geteuid() == 0),
+        "python": python,
+        "root": root,
         "timeout_s": timeout_s,
         "memory_mb": memory_mb,
         "max_file_mb": max_file_mb,
@@ -159,6 +170,8 @@ def run_python(
         report = _read_status(status_r, proc)
         if "error" in report:
             raise RuntimeError(f"sandbox setup failed in the launcher: {report['error']}")
+        if root_warning:
+            report["warnings"].append(root_warning)
         _warn_once(report)
         stdout, stderr, reason = _collect(proc, time.monotonic() + timeout_s, max_output_bytes, report["uid"])
         returncode = proc.returncode
@@ -181,6 +194,7 @@ def run_python(
         private_uid=report["private_uid"],
         process_cap_exact=report["process_cap_exact"],
         private_tmp=report["private_tmp"],
+        private_root=report["private_root"],
         duration_s=time.monotonic() - start,
     )
 
@@ -193,10 +207,12 @@ def _check_limits(**limits) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _sandbox_python(as_root: bool) -> str:
-    """The interpreter the code runs in: as root, one an unprivileged uid can execute."""
-    candidates = [sys.executable, getattr(sys, "_base_executable", sys.executable)]
+    """The interpreter the code runs in: the base one of a virtual environment (with -I -S it has the same
+    standard library, and no project path shows in the private root); as root, one an unprivileged uid
+    can execute."""
+    candidates = [getattr(sys, "_base_executable", None), sys.executable]
     if not as_root:
-        return candidates[0]
+        return next(path for path in candidates if path and os.path.exists(path))
     candidates += ["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"]
     for path in candidates:
         if path and os.path.exists(path) and _world_reachable(path):
@@ -220,6 +236,53 @@ def _world_reachable(path: str) -> bool:
                 return False
             parent = os.path.dirname(parent)
     return True
+
+
+@functools.lru_cache(maxsize=4)
+def _root_plan(python: str) -> tuple[list[tuple[str, str, str]] | None, str | None]:
+    """What the private root holds for `python`, as (op, path, symlink target) with op one of dir,
+    file, dev (bound read-only at `path`), symlink (made at `path`, as on the host), hide (an empty
+    read-only tmpfs over `path`); or (None, why not). Worked out once per interpreter: one run of it
+    for its sys.path and one `ldd` of it and its extension modules (about 0.2 s)."""
+    env = dict(_ENV)
+    try:
+        out = subprocess.run([python, "-I", "-S", "-B", "-c", "import json, sys; print(json.dumps(sys.path))"],
+                             capture_output=True, text=True, env=env, timeout=60, check=True).stdout
+        stdlib = [p for p in json.loads(out) if p and os.path.exists(p)]
+        extensions = [os.path.join(d, f) for d in stdlib if os.path.isdir(d) for f in sorted(os.listdir(d))
+                      if f.endswith(".so")]
+        # exit status 1 when one of the files is not dynamic (a static build): the others are still listed
+        ldd = subprocess.run(["ldd", python, *extensions], capture_output=True, text=True, env=env, timeout=60)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        return None, (f"no private root: could not list what {python} loads ({type(e).__name__}: {e}); "
+                      "the code can read the host's world-readable files")
+    libraries = re.findall(r"(/\S+) \(0x[0-9a-f]+\)", ldd.stdout)  # "libc.so.6 => /lib/.../libc.so.6 (0x7f..)"
+    files = [python, *libraries, "/etc/ld.so.cache", *_DEVICES]
+    ops: dict[str, tuple[str, str, str]] = {}
+    for path in [*stdlib, *files]:
+        if os.path.exists(path):
+            for op in _chain(os.path.abspath(path)):
+                ops.setdefault(op[1], op)
+    bound = sorted(path for path, (op, _, _) in ops.items() if op == "dir")
+    keep = [op for path, op in sorted(ops.items()) if not any(path.startswith(d + "/") for d in bound)]
+    hides = [("hide", os.path.join(d, name), "") for d in bound for name in _HIDDEN
+             if os.path.isdir(os.path.join(d, name))]
+    return keep + hides, None
+
+
+def _chain(path: str) -> list[tuple[str, str, str]]:
+    """The ops that make `path` resolve in the private root as on the host: every symlink met on
+    the way (recreated), then a bind of the real file or directory."""
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        here = "/" + "/".join(parts[:i])
+        if os.path.islink(here):
+            target = os.readlink(here)
+            # `here`'s parent holds no symlink (checked above), so joining and normalising is exact
+            resolved = os.path.normpath(os.path.join(os.path.dirname(here), target, *parts[i:]))
+            return [("symlink", here, target), *_chain(resolved)]
+    mode = os.stat(path).st_mode
+    return [("dir" if stat.S_ISDIR(mode) else "dev" if stat.S_ISCHR(mode) else "file", path, "")]
 
 
 def _read_status(fd: int, proc: subprocess.Popen) -> dict:
@@ -247,21 +310,23 @@ def _read_status(fd: int, proc: subprocess.Popen) -> dict:
     return report
 
 
+_ISOLATION = ("network_isolated", "private_uid", "process_cap_exact", "private_tmp", "private_root")
 _warned_lock = threading.Lock()
-_warned = False
+_warned: set[tuple[bool, ...]] = set()  # isolation outcomes already logged
 
 
 def _warn_once(report: dict) -> None:
-    global _warned
+    """Log what isolation runs get, once per process for each outcome (a later run that gets less
+    than the first, e.g. a private root that fails, is logged too)."""
+    outcome = tuple(report[key] for key in _ISOLATION)
     with _warned_lock:
-        if _warned:
+        if outcome in _warned:
             return
-        _warned = True
+        _warned.add(outcome)
     if report["warnings"]:
         log.warning("Sandbox isolation is partial on this machine; runs go on without it: %s",
                     "; ".join(report["warnings"]))
-    log.info("Sandbox isolation: network=%s private_uid=%s process_cap_exact=%s private_tmp=%s",
-             report["network_isolated"], report["private_uid"], report["process_cap_exact"], report["private_tmp"])
+    log.info("Sandbox isolation: %s", " ".join(f"{key}={report[key]}" for key in _ISOLATION))
 
 
 def _collect(proc: subprocess.Popen, deadline: float, cap: int, uid: int) -> tuple[bytes, bytes, str | None]:
@@ -328,41 +393,8 @@ def _kill_all(pgid: int, uid: int | None) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if uid is not None and uid >= _BASE_UID:
-        _kill_uid(uid)
-
-
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every live process whose real uid is `uid`, until none is left.
-
-    A pass kills what it saw; processes forked meanwhile are caught by the next one. With
-    RLIMIT_NPROC on that uid this ends after a few passes.
-    """
-    for _ in range(100):
-        found = False
-        for name in os.listdir("/proc"):
-            if name.isdigit() and _live_uid(name) == uid:
-                found = True
-                try:
-                    os.kill(int(name), signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        if not found:
-            return
-        time.sleep(0.001)
-    log.warning("Processes of sandbox uid %d survived 100 kill passes; they end at their RLIMIT_CPU", uid)
-
-
-def _live_uid(pid: str) -> int | None:
-    """Real uid of a process that is not a zombie, else None."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-    except OSError:
-        return None
-    if fields.get("State", "Z").split()[0] in ("Z", "X"):
-        return None
-    return int(fields["Uid"].split()[0])
+    if uid is not None and uid >= _BASE_UID and not _kill_uid(uid):
+        log.warning("Processes of sandbox uid %d survived 100 kill passes; they end at their RLIMIT_CPU", uid)
 
 
 def _signal_reason(signum: int) -> str:
@@ -374,175 +406,3 @@ def _signal_reason(signum: int) -> str:
         return f"signal:{signal.Signals(signum).name}"
     except ValueError:
         return f"signal:{signum}"
-
-
-# ---- the launcher: runs in the child, `python -I -S -c _LAUNCH spec`, then execs the code ----
-
-
-def _launch() -> None:
-    spec = json.loads(sys.argv[1])
-    status_fd = spec["status_fd"]
-    try:
-        report = _lock_down(spec)
-        os.write(status_fd, (json.dumps(report) + "\n").encode())
-        os.set_inheritable(status_fd, False)  # closes at exec: EOF tells the parent the code started
-        env = dict(os.environ, HOME=report.pop("workdir"), TMPDIR="/tmp" if report["private_tmp"] else spec["workdir"])
-        os.execve(spec["python"], [spec["python"], "-I", "-S", "-B", "main.py"], env)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
-        os.write(status_fd, (json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n").encode())
-        os._exit(126)
-
-
-def _lock_down(spec: dict) -> dict:
-    import resource
-
-    as_root = os.geteuid() == 0
-    warnings: list[str] = []
-    with open(os.path.join(spec["workdir"], "main.py"), "rb") as f:
-        code = f.read()
-    existing = 0 if as_root else _count_tasks(os.getuid())  # before a user namespace shows every other uid as 65534
-    net, mnt, userns = _unshare(as_root, warnings)
-    uid, gid = (_BASE_UID + os.getpid(),) * 2 if as_root else (os.getuid(), os.getgid())
-    workdir = _private_tmp(spec["disk_mb"], uid, gid, code, warnings) if mnt else None
-    if workdir is None:
-        workdir = spec["workdir"]
-        if as_root:
-            os.chown(workdir, uid, gid)
-            os.chown(os.path.join(workdir, "main.py"), uid, gid)
-    os.chdir(workdir)
-    _fork_watchdog(spec["timeout_s"] + _WATCHDOG_GRACE_S, uid if as_root else None)
-
-    # Exact cap as root (a fresh uid) or in a user namespace (kernel >= 5.14 counts RLIMIT_NPROC per namespace);
-    # otherwise it counts every task of the caller's uid.
-    exact = as_root or (userns and _kernel_at_least(5, 14))
-    nproc = spec["max_processes"] if exact else existing + spec["max_processes"]
-    cpu = int(spec["cpu_s"] + 0.999)
-    mb = 1024 * 1024
-    for limit, soft, hard in (
-        (resource.RLIMIT_CPU, cpu, cpu + 1),  # soft: SIGXCPU; hard, one second later: SIGKILL
-        (resource.RLIMIT_AS, spec["memory_mb"] * mb, spec["memory_mb"] * mb),
-        (resource.RLIMIT_FSIZE, spec["max_file_mb"] * mb, spec["max_file_mb"] * mb),
-        (resource.RLIMIT_NPROC, nproc, nproc),
-        (resource.RLIMIT_CORE, 0, 0),
-        (resource.RLIMIT_NOFILE, 256, 256),
-    ):
-        current_hard = resource.getrlimit(limit)[1]  # not root: a hard limit can only be lowered
-        if current_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
-        resource.setrlimit(limit, (soft, hard))
-    if as_root:  # fatal if it fails: untrusted code must not run as root
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    if not exact:
-        warnings.append(f"no user namespace (or kernel < 5.14): RLIMIT_NPROC={nproc} is shared with the {existing} "
-                        f"tasks uid {uid} already runs")
-    if not as_root:
-        warnings.append("not root: no private uid, so cleanup is by process group only")
-    _libc_call("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
-    return {"network_isolated": net, "private_uid": as_root, "process_cap_exact": exact,
-            "private_tmp": workdir == "/tmp/job",
-            "uid": uid, "workdir": workdir, "warnings": warnings}
-
-
-def _unshare(as_root: bool, warnings: list[str]) -> tuple[bool, bool, bool]:
-    """New network, mount and IPC namespaces where the kernel allows; (network, mount, user) achieved."""
-    if not as_root:  # an unprivileged user namespace gives the capabilities the others need
-        uid, gid = os.getuid(), os.getgid()
-        if not _try_unshare(_CLONE_NEWUSER, "CLONE_NEWUSER", warnings):
-            return False, False, False
-        for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                           ("/proc/self/gid_map", f"{gid} {gid} 1")):
-            with open(path, "w") as f:
-                f.write(text)
-    net = _try_unshare(_CLONE_NEWNET, "CLONE_NEWNET", warnings)
-    mnt = _try_unshare(_CLONE_NEWNS, "CLONE_NEWNS", warnings)
-    _try_unshare(_CLONE_NEWIPC, "CLONE_NEWIPC", warnings)
-    return net, mnt, not as_root
-
-
-def _try_unshare(flag: int, name: str, warnings: list[str]) -> bool:
-    try:
-        if hasattr(os, "unshare"):  # Python 3.12+
-            os.unshare(flag)
-        else:
-            _libc_call("unshare", flag)
-        return True
-    except OSError as e:
-        warnings.append(f"unshare({name}) refused ({e.strerror})")
-        return False
-
-
-def _private_tmp(disk_mb: int, uid: int, gid: int, code: bytes, warnings: list[str]) -> str | None:
-    """Mount one tmpfs of disk_mb on /tmp (bound on /var/tmp and /dev/shm); the code runs in /tmp/job."""
-    try:
-        _libc_call("mount", b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)  # nothing propagates to the host
-        _libc_call("mount", b"tmpfs", b"/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, f"size={disk_mb}m,mode=1777".encode())
-    except OSError as e:
-        warnings.append(f"private /tmp not mounted ({e.strerror}); the working directory is on disk")
-        return None
-    for path in ("/var/tmp", "/dev/shm"):
-        if os.path.isdir(path):
-            try:
-                _libc_call("mount", b"/tmp", path.encode(), None, _MS_BIND, None)
-            except OSError as e:
-                warnings.append(f"{path} not covered by the private tmpfs ({e.strerror})")
-    os.mkdir("/tmp/job", 0o700)
-    with open("/tmp/job/main.py", "wb") as f:
-        f.write(code)
-    if os.geteuid() == 0 and uid != 0:
-        os.chown("/tmp/job", uid, gid)
-        os.chown("/tmp/job/main.py", uid, gid)
-    return "/tmp/job"
-
-
-def _fork_watchdog(after_s: float, uid: int | None) -> None:
-    """A child that kills the whole run after `after_s`, in case the parent cannot.
-
-    Forked before setuid, so as root the code cannot kill it; it shares the process group,
-    so the parent's own kill at the end of a normal run removes it.
-    """
-    if os.fork():
-        return
-    try:
-        os.closerange(0, 65536)  # hold no pipe open: the parent waits for their EOF
-        time.sleep(after_s)
-        if uid is not None:
-            _kill_uid(uid)
-        os.killpg(0, signal.SIGKILL)
-    finally:
-        os._exit(0)
-
-
-def _count_tasks(uid: int) -> int:
-    """Tasks (processes and threads) of `uid`: what RLIMIT_NPROC counts."""
-    n = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/status") as f:
-                    fields = dict(line.split(":", 1) for line in f if ":" in line)
-                if int(fields["Uid"].split()[0]) == uid:
-                    n += int(fields["Threads"])
-            except (OSError, KeyError, ValueError):
-                pass
-    return n
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    try:
-        found = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
-    except ValueError:
-        return False
-    return found >= (major, minor)
-
-
-def _libc_call(name: str, *args) -> int:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = getattr(libc, name)(*args)
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-    return result

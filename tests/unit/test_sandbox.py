@@ -6,15 +6,23 @@ The fork-bomb test runs only where the sandbox gives each run its own uid with R
 
 import ast
 import functools
+import logging
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
-from rewards import code_task
+from rewards import code_task, sandbox
 from rewards.code_task import _PROBLEMS, extract_code, make_code_splits, python_exec_reward
 from rewards.sandbox import _live_uid, run_python
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,16 +126,129 @@ def test_secrets_in_the_environment_are_not_visible(monkeypatch):
     code = (
         "import os\n"
         "print(sorted(os.environ))\n"
-        "print(open('/proc/self/environ').read())\n"
-        f"try:\n    print(open('/proc/{os.getpid()}/environ').read())\n"
-        "except OSError as e:\n    print('parent environ:', e.strerror)\n"
-    )
+        "for path in ['/proc/self/environ', '/proc/%d/environ']:\n"
+        "    try:\n        print(open(path).read())\n"
+        "    except OSError as e:\n        print(path, e.strerror)\n"
+    ) % os.getpid()
     r = run_python(code)
     assert r.returncode == 0
     assert "secret" not in r.stdout and "WANDB" not in r.stdout and "AWS" not in r.stdout
     assert ast.literal_eval(r.stdout.splitlines()[0]) == ["HOME", "LANG", "LC_ALL", "PATH", "TMPDIR"]
-    if r.private_uid:  # another uid may not read this process's environment
-        assert "parent environ: Permission denied" in r.stdout
+    if r.private_root:  # no /proc at all
+        assert f"/proc/{os.getpid()}/environ No such file or directory" in r.stdout
+    elif r.private_uid:  # another uid may not read this process's environment
+        assert f"/proc/{os.getpid()}/environ Permission denied" in r.stdout
+
+
+# ---- the private root ----
+
+# Lists every path below / (not descending into the standard library's directories, which are
+# bound whole) if the first word on stdin is "walk", then tries to read the files named after it.
+_EXPLORE = """
+import os, sys
+walk, *paths = sys.stdin.read().split()
+bound = set(sys.path)
+for top, dirs, files in os.walk('/') if walk == 'walk' else ():
+    dirs[:] = [d for d in dirs if os.path.join(top, d) not in bound]
+    for name in dirs + files:
+        print('seen', os.path.join(top, name))
+for path in paths:
+    try:
+        with open(path, 'rb') as f:
+            f.read(1)
+        print('read', path)
+    except OSError as e:
+        print('refused', path, e.strerror)
+"""
+
+
+@pytest.fixture
+def outside_file():
+    """A world-readable file outside the sandbox (a private uid could read it without a private root)."""
+    top = tempfile.mkdtemp(prefix="tether-outside-", dir="/tmp")
+    os.chmod(top, 0o755)
+    path = os.path.join(top, "secret.txt")
+    with open(path, "w") as f:
+        f.write("outside")
+    os.chmod(path, 0o644)
+    yield path
+    shutil.rmtree(top)
+
+
+def _explore(outside: str, walk: bool = True) -> tuple[sandbox.SandboxResult, set[str], dict[str, str]]:
+    targets = [outside, "/etc/passwd", str(REPO / "README.md"), str(REPO / "rewards" / "sandbox.py"), sys.executable]
+    r = run_python(_EXPLORE, stdin="\n".join(["walk" if walk else "no-walk", *targets]))
+    assert r.returncode == 0, r.stderr
+    seen = {line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("seen ")}
+    outcome = {line.split()[1]: line.split()[0] for line in r.stdout.splitlines()
+               if line.startswith(("read", "refused"))}
+    return r, seen, outcome
+
+
+def test_the_private_root_hides_the_hosts_files(outside_file):
+    r, seen, outcome = _explore(outside_file)
+    if not r.private_tmp:
+        pytest.skip("no mount namespace here (not root and no unprivileged user namespaces): the sandbox sees the "
+                    "host's files, as its warning says")
+    assert r.private_root, "a mount namespace was available, but the private root was not set up"
+    # nothing outside is readable: a file made for the test, /etc/passwd, the project, the venv's python
+    assert set(outcome.values()) == {"refused"} and len(outcome) == 5, outcome
+    # the whole tree: the plan's paths (the interpreter, its libraries, a few devices), their parent
+    # directories, the standard library's directories (not descended into) and the private /tmp
+    plan, _ = sandbox._root_plan(sandbox._sandbox_python(os.geteuid() == 0))
+    allowed = {path for _, path, _ in plan}
+    parents = {str(parent) for path in allowed for parent in Path(path).parents}
+    private = {"/tmp", "/var", "/var/tmp", "/dev/shm"}
+    stray = {p for p in seen
+             if p not in allowed | parents | private and not p.startswith(("/tmp/", "/var/tmp/", "/dev/shm/"))}
+    assert not stray, stray
+    assert {"/etc/passwd", "/proc", "/sys", "/home", "/root", str(REPO)}.isdisjoint(seen)
+    # and the code still has its whole standard library, its extension modules and their libraries
+    code = ("import ctypes, decimal, hashlib, json, lzma, sqlite3, ssl, subprocess, sys, zlib\n"
+            "out = subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True).stdout\n"
+            "print(out, end='')")
+    assert run_python(code).stdout == "42\n"
+
+
+def test_without_a_private_root_a_warning_is_logged_once_and_runs_go_on(monkeypatch, caplog, outside_file):
+    python = sandbox._sandbox_python(os.geteuid() == 0)
+    plan, _ = sandbox._root_plan(python)
+    if plan is None or not run_python("").private_root:
+        pytest.skip("no private root on this machine to take away")
+    # a real failure inside the launcher: a bind mount of a path that does not exist
+    broken = [("file", "/nonexistent-tether-path/lib.so", ""), *plan]
+    monkeypatch.setattr(sandbox, "_root_plan", lambda _: (broken, None))
+    monkeypatch.setattr(sandbox, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="rewards.sandbox"):
+        runs = [_explore(outside_file, walk=False) for _ in range(2)]
+    for r, _, outcome in runs:
+        assert not r.private_root and r.private_tmp  # /tmp is still private; the rest is the host's tree
+        assert outcome["/etc/passwd"] == outcome[str(REPO / "README.md")] == "read"
+        assert outcome[outside_file] == "refused"  # under /tmp, which the private tmpfs covers
+    warnings = [rec.getMessage() for rec in caplog.records if "private root not set up" in rec.getMessage()]
+    assert len(warnings) == 1 and "/nonexistent-tether-path" in warnings[0], warnings
+
+
+def test_the_private_root_as_an_unprivileged_user(outside_file):
+    """Not root: the private root is built inside an unprivileged user namespace (bind mounts keep
+    the host's locked mount flags). Runs the sandbox as `nobody` under the system python3."""
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists(python):
+        pytest.skip("needs root (to become nobody), setpriv and /usr/bin/python3")
+    script = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "from rewards.sandbox import run_python\n"
+        f"r = run_python({f'print(open({outside_file!r}).read())'!r})\n"
+        "print(r.private_uid, r.private_tmp, r.private_root, r.returncode, r.stderr.strip().splitlines()[-1:])\n"
+    )
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", script],
+                         capture_output=True, text=True, timeout=60, cwd="/tmp")
+    assert out.returncode == 0, out.stderr
+    private_uid, private_tmp, private_root, returncode, last_error = out.stdout.split(maxsplit=4)
+    if private_tmp == "False":
+        pytest.skip("this kernel refuses unprivileged user namespaces")
+    assert (private_uid, private_root, returncode) == ("False", "True", "1")
+    assert "FileNotFoundError" in last_error
 
 
 def test_an_infinite_loop_times_out():
