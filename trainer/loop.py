@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -172,7 +173,8 @@ class Run:
         self.hung = False  # a worker stopped answering: do not wait on it at close
         self.incarnations: list[str] = []
         self.pids: list[int] = []
-        self.faults = {"worker_restarts": 0, "rollouts_dropped_worker_lost": 0, "recovery_publishes_verified": 0}
+        self.faults = {"worker_restarts": 0, "rollouts_dropped_worker_lost": 0, "recovery_publishes_verified": 0,
+                       "engine_deaths": 0}
         self.evals: list[dict] = []
         self.consumed_tokens = 0
         self.max_lag = 0
@@ -184,12 +186,40 @@ class Run:
 
     def setup(self) -> None:
         cfg = self.cfg
+        self._check_shared_output()
         ray.get([w.start.remote() for w in self.workers])  # engines up (vLLM: tens of seconds)
         infos = ray.get([w.ping.remote() for w in self.workers])
         self.incarnations, self.pids = [i["incarnation"] for i in infos], [i["pid"] for i in infos]
         start_trainer_group(self.trainers, self.layout["trainer_gpus"] > 0)
         self.metas = ray.get(self.trainer.param_metas.remote())
         self._init_weight_sync()
+
+    def _check_shared_output(self) -> None:
+        """Trainer rank 0 writes checkpoints and the export into output_dir and the driver reads them (and
+        writes its own files there): find out now, not at the first checkpoint, if they do not share it."""
+        token = uuid.uuid4().hex
+        probe = self.output_dir / f".probe-{token}"
+        where = f"output_dir={str(self.output_dir)!r}"
+        try:
+            node = ray.get(self.trainer.probe_output_dir.remote(str(probe), token))
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, OSError) else None
+            if cause is None:
+                raise
+            raise ConfigError(f"trainer rank 0 cannot write to {where} ({type(cause).__name__}: {cause.strerror}); "
+                              "checkpoints and the export are written there: make it writable on the trainer's "
+                              "node or choose another output_dir") from None
+        try:
+            seen = probe.read_text()
+            probe.unlink()
+        except OSError:
+            seen = None
+        if seen != token:
+            fix = ("give an absolute path (actors do not run in the driver's working directory)"
+                   if not self.output_dir.is_absolute() else
+                   "put output_dir on a filesystem every node mounts at the same path (NFS, a shared disk)")
+            raise ConfigError(f"{where} is not shared: trainer rank 0 (node {node}) wrote a file there that this "
+                              f"driver cannot read, so its checkpoints and export would be lost; {fix}")
 
     def _init_weight_sync(self) -> None:
         """A fresh weight-sync group: trainer rank 0 and every engine (also after a worker restart)."""
@@ -286,8 +316,9 @@ class Run:
         return interrupted, out
 
     def _lost_workers(self) -> list[int]:
-        """Rollout workers that died or were restarted by Ray since we last set them up. A worker that
-        does not answer at all is hung, not lost: that stops the run, naming it."""
+        """Rollout workers that died or were restarted by Ray since we last set them up, or whose engine
+        died under a live actor (those are killed here, for Ray to restart). A worker that does not
+        answer at all is hung, not lost: that stops the run, naming it."""
         refs = [w.ping.remote() for w in self.workers]  # all at once: one timeout for every worker
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
         lost, hung = [], []
@@ -300,7 +331,14 @@ class Run:
             except ray.exceptions.RayActorError:
                 lost.append(i)
                 continue
-            if info["incarnation"] != self.incarnations[i]:
+            if info["engine_dead"]:
+                # the actor lives on, so Ray would never restart it: kill it (restart allowed) and recover as
+                # for any lost worker
+                log.warning("%s: %s; killing the actor so that Ray restarts it", self._name(i), info["engine_dead"])
+                ray.kill(self.workers[i], no_restart=False)
+                self.faults["engine_deaths"] += 1
+                lost.append(i)
+            elif info["incarnation"] != self.incarnations[i]:
                 lost.append(i)
         if hung:
             self.hung = True

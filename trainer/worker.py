@@ -466,6 +466,15 @@ class TrainerWorker:
         return sums, grad_norm, applied
 
     # ---- checkpoint and export ---------------------------------------------------------
+    def probe_output_dir(self, path: str, token: str) -> str:
+        """Write `token` to `path` (a file in output_dir) and return this node's address. The driver
+        reads the file back at setup: rank 0 writes checkpoints and the export where the driver reads
+        them, so the two must see the same output_dir."""
+        import ray
+
+        Path(path).write_text(token)
+        return ray.util.get_node_ip_address()
+
     def save(self, path: str) -> None:
         """Write trainer.pt into the checkpoint directory `path` (rank 0; every rank gathers):
         full trained weights (LoRA: the adapters only), optimizer, scheduler, EWMA, advantage

