@@ -141,6 +141,7 @@ def test_dead_vllm_engine_under_a_live_worker_is_a_lost_worker(tmp_path, ray_loc
     pid = ray.get(worker.ping.remote())["pid"]
     core = _engine_core(pid)
     assert core is not None, f"no vLLM engine-core process under rollout worker pid {pid}"
+    engine_workers = core.children(recursive=True)  # vLLM's worker processes: they must not outlive their core
     core.kill()  # SIGKILL; the actor itself lives on
 
     bg.join(timeout=max(deadline - time.monotonic(), 1))
@@ -158,7 +159,8 @@ def test_dead_vllm_engine_under_a_live_worker_is_a_lost_worker(tmp_path, ray_loc
     assert acc["dropped"].get("worker_lost", 0) == faults["rollouts_dropped_worker_lost"]
     assert acc["dropped"].get("error", 0) == 0
     assert acc["consumed"] == steps * 8
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # the old actor
+    for proc in [psutil.Process(pid) if psutil.pid_exists(pid) else None, *engine_workers]:  # the old actor's
+        assert proc is None or not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, proc
     assert not list(out.glob(".probe-*"))  # the setup's shared-output probe was read back and removed
 
 
