@@ -147,7 +147,7 @@ class RewardsConfig:
 @dataclass
 class WeightSyncConfig:
     backend: str = "auto"  # auto = nccl on GPU, gloo on CPU, ipc (CUDA IPC handles) when colocated
-    bucket_mb: int = 64
+    bucket_mb: int = 256  # each engine worker holds two receive buffers of this size (on its GPU with NCCL)
     timeout_s: float = 300.0
     verify: bool = False  # after each publish, check every engine's weight fingerprint against the trainer's (costs a pass over the weights)
 

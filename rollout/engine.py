@@ -11,8 +11,6 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from rollout.weight_sync import ParamMeta
-
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -43,18 +41,25 @@ class Engine(abc.ABC):
         """Abort every in-flight request; returns how many were aborted."""
 
     @abc.abstractmethod
+    async def weight_sync_regions(self) -> list:
+        """The engine's regions of the weight-sync plan (plain lists, `weight_sync.region_to_plain`): for
+        each parameter it serves, in its own names and layout, which trainer tensors fill it."""
+
+    @abc.abstractmethod
     async def init_weight_sync(
-        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+        self, plan: dict, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
     ) -> None:
-        """Join the weight-sync process group (trainer rank 0 is the broadcast root)."""
+        """Set up the receive side of `plan` (`SyncPlan.to_plain()`) and join the weight-sync process
+        group (trainer rank 0 is the broadcast root)."""
 
     @abc.abstractmethod
-    async def receive_weights(self, metas: list[ParamMeta], bucket_bytes: int) -> None:
-        """Receive a full broadcast of the parameters described by `metas` and load them."""
+    async def init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
+        """Colocated on one GPU: set up `plan` and open the trainer's flat buffer (CUDA IPC handle) once."""
 
     @abc.abstractmethod
-    async def receive_weights_ipc(self, handles: bytes, metas: list[ParamMeta], bucket_bytes: int) -> None:
-        """Colocated on one GPU: load from the trainer's CUDA buffers through IPC handles."""
+    async def receive_weights(self) -> None:
+        """One publish: the trainer's flat buffer into the served weights (a broadcast, or a copy when
+        colocated)."""
 
     @abc.abstractmethod
     async def weights_fingerprint(self) -> str:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from rollout.engine import Engine, SamplingSpec, Segment
-from rollout.weight_sync import ParamMeta, broadcast_recv, fingerprint, ipc_unpack, make_group
+from rollout.weight_sync import Receiver, SyncPlan, fingerprint, make_group, open_ipc, region_to_plain, warm_up, whole_tensor_regions
 
 
 class _AbortFlag(StoppingCriteria):
@@ -36,6 +36,7 @@ class HFEngine(Engine):
         self._lock = threading.Lock()  # one generate at a time: the model is shared
         self._flags: dict[str, _AbortFlag] = {}
         self._group = None
+        self._recv: Receiver | None = None
 
     def _generate_blocking(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec, flag: _AbortFlag) -> Segment:
         with self._lock:
@@ -91,26 +92,38 @@ class HFEngine(Engine):
             flag.event.set()
         return len(flags)
 
-    async def init_weight_sync(self, host, port, rank, world_size, backend, timeout_s) -> None:
-        self._group = await asyncio.to_thread(make_group, backend, host, port, rank, world_size, timeout_s)
+    async def weight_sync_regions(self) -> list:
+        # the trainer's own model class: every tensor as it is, under the same name
+        return [region_to_plain(r) for r in whole_tensor_regions(self.model.named_parameters())]
 
-    def _receive_blocking(self, metas: list[ParamMeta], bucket_bytes: int) -> None:
-        self._load_blocking(broadcast_recv(self._group, metas, bucket_bytes, self.device))
+    def _receiver(self, plan: dict, device: torch.device) -> Receiver:
+        return Receiver(SyncPlan.from_plain(plan), 0, device, dict(self.model.named_parameters()))
 
-    async def receive_weights(self, metas: list[ParamMeta], bucket_bytes: int) -> None:
-        if self._group is None:
-            raise RuntimeError("receive_weights before init_weight_sync: the engine has not joined the weight-sync group")
-        await asyncio.to_thread(self._receive_blocking, metas, bucket_bytes)
+    def _join_blocking(self, plan, host, port, rank, world_size, backend, timeout_s) -> None:
+        device = self.device if backend == "nccl" else torch.device("cpu")
+        self._recv = self._receiver(plan, device)
+        self._group = make_group(backend, host, port, rank, world_size, timeout_s)
+        warm_up(self._group, device)
 
-    def _load_blocking(self, stream) -> None:
-        params = dict(self.model.named_parameters())
+    async def init_weight_sync(self, plan, host, port, rank, world_size, backend, timeout_s) -> None:
+        await asyncio.to_thread(self._join_blocking, plan, host, port, rank, world_size, backend, timeout_s)
+
+    async def init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
+        self._recv = self._receiver(plan, self.device)
+        self._recv.attach_ipc(open_ipc(handle))
+        self._group = None
+
+    def _receive_blocking(self) -> None:
         with torch.no_grad():
-            for name, tensor in stream:
-                params[name].copy_(tensor)
+            if self._group is None:
+                self._recv.copy_ipc()
+            else:
+                self._recv.receive(self._group)
 
-    async def receive_weights_ipc(self, handles: bytes, metas: list[ParamMeta], bucket_bytes: int) -> None:
-        await asyncio.to_thread(self._load_blocking, ipc_unpack(handles, metas, bucket_bytes))
-        torch.cuda.synchronize()
+    async def receive_weights(self) -> None:
+        if self._recv is None:
+            raise RuntimeError("receive_weights before init_weight_sync: the engine has not joined the weight sync")
+        await asyncio.to_thread(self._receive_blocking)
 
     async def weights_fingerprint(self) -> str:
         return fingerprint(p for p in self.model.parameters())

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rollout.engine import Engine, SamplingSpec, Segment
-from rollout.weight_sync import ParamMeta
+from rollout.weight_sync import merge_tp_regions, region_to_plain
 
 log = logging.getLogger(__name__)
 
@@ -334,36 +334,36 @@ class VLLMEngine(Engine):
         llm = self._require_started()
         return await llm.collective_rpc(method, timeout=timeout, args=args)
 
+    async def weight_sync_regions(self) -> list:
+        """This engine's regions of the weight-sync plan: its workers' shards, parameter by parameter."""
+        per_rank = await self._rpc("tether_sync_regions")
+        return [region_to_plain(r) for r in merge_tp_regions(per_rank)]
+
     async def init_weight_sync(
-        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+        self, plan: dict, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
     ) -> None:
         """Worker tp_rank joins as `rank + tp_rank`: the caller reserves tp ranks per engine."""
         if rank + self.tensor_parallel_size > world_size:
             raise ValueError(f"ranks {rank}..{rank + self.tensor_parallel_size - 1} of this engine's "
                              f"{self.tensor_parallel_size} workers do not fit world_size={world_size}")
         # the RPC blocks until the whole group formed: give it the group's own timeout plus slack
-        ranks = await self._rpc("tether_init_weight_sync", host, port, rank, world_size, backend, timeout_s,
+        ranks = await self._rpc("tether_init_weight_sync", plan, host, port, rank, world_size, backend, timeout_s,
                                 timeout=timeout_s + 30)
         log.info("vLLM engine joined weight sync as ranks %s of %d", ranks, world_size)
 
-    async def receive_weights(self, metas: list[ParamMeta], bucket_bytes: int) -> None:
-        """Receive and load one full broadcast, then drop the KV prefix cache.
+    async def init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
+        await self._rpc("tether_init_weight_sync_ipc", plan, handle)
+
+    async def receive_weights(self) -> None:
+        """One publish into the served weights, then drop the KV prefix cache.
 
         Generation is stalled for the duration (the engine core runs the RPC between
         steps). The prefix cache is reset afterwards: cached KV blocks were computed with
         the old weights, and a resumed segment (same prompt + partial tokens) would
         otherwise reuse them.
         """
-        # plain tuples cross the process boundary without the engine core unpickling our classes
-        plain = [(m.name, tuple(m.shape), m.dtype) for m in metas]
-        counts = await self._rpc("tether_receive_weights", plain, bucket_bytes)
-        log.debug("vLLM workers loaded %s tensors", counts)
-        await self._reset_prefix_cache()
-
-    async def receive_weights_ipc(self, handles: bytes, metas: list[ParamMeta], bucket_bytes: int) -> None:
-        """Colocated: load from the trainer's CUDA buffers (see weight_sync.ipc_pack)."""
-        plain = [(m.name, tuple(m.shape), m.dtype) for m in metas]
-        await self._rpc("tether_receive_ipc", handles, plain, bucket_bytes)
+        seconds = await self._rpc("tether_receive_weights")
+        log.debug("vLLM workers loaded the weights in %s s", seconds)
         await self._reset_prefix_cache()
 
     async def _reset_prefix_cache(self) -> None:

