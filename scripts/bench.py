@@ -494,7 +494,7 @@ def pipeline(args) -> dict:
     from configs.schema import ConfigError
     from rewards.tasks import build_task
     from rollout.models import resolve_model_dir
-    from trainer.loop import _layout
+    from trainer import cluster
 
     workdir = Path(args.workdir)
     base = [*PIPELINE_DEFAULTS, *args.overrides]
@@ -521,11 +521,9 @@ def pipeline(args) -> dict:
             done(name, _tether(cfgs[name]))  # each run validates its config first
     import ray
 
-    from trainer.loop import _connect_ray
-
-    _connect_ray(cfg)
+    # connected and resolved already when a tether run came first; prepare() is idempotent
+    layout, _ = cluster.prepare(cfg)
     model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
-    layout = _layout(cfg)
     num_prompts = len(build_task(cfg.task).train)
     if "generation" in parts:
         done("standalone_generation", _standalone_generation(cfg, model_dir, layout, num_prompts))
@@ -563,17 +561,16 @@ def publish_bench(args) -> dict:
     from configs.schema import validate
     from rewards.tasks import build_task, resolve_data_path
     from rollout.models import resolve_model_dir
-    from trainer.loop import Run, _check_resources, _connect_ray, _layout
+    from trainer import cluster
+    from trainer.loop import Run
 
     cfg = _compose([*PIPELINE_DEFAULTS, f"output_dir={(Path(args.workdir) / 'publish').resolve()}", *args.overrides])
     validate(cfg)
     cfg.task.path, cfg.task.eval_path = resolve_data_path(cfg.task.path), resolve_data_path(cfg.task.eval_path)
     model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
-    _connect_ray(cfg)
-    layout = _layout(cfg)
-    _check_resources(cfg, layout)
+    layout, placement = cluster.prepare(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    run_ = Run(cfg, model_dir, layout, build_task(cfg.task))
+    run_ = Run(cfg, model_dir, layout, placement, build_task(cfg.task))
     try:
         run_.setup()
         pubs = [run_.publish(version) for version in range(1, args.repeats + 2)][1:]  # the first one warms up

@@ -20,8 +20,10 @@ def tiny_model_dir() -> str:
     return str(prepare_tiny())
 
 
-def compose(overrides: list[str]):
-    """The config scripts/train.py would see with these overrides."""
+def compose(overrides: list[str], cluster_gpus: float | None = None):
+    """The config scripts/train.py would see with these overrides. With `cluster_gpus`, its automatic
+    settings get the values trainer.loop.run gives them on a Ray cluster with that many GPUs (for
+    tests that build actors without run())."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -31,7 +33,12 @@ def compose(overrides: list[str]):
     register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    if cluster_gpus is not None:
+        from trainer.cluster import resolve
+
+        resolve(cfg, cluster_gpus)
+    return cfg
 
 
 @pytest.fixture(scope="session")

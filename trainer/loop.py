@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
 
 import ray
 from omegaconf import OmegaConf
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
 from configs.schema import ConfigError, validate
 from rewards.tasks import build_task, resolve_data_path
 from rollout.models import resolve_model_dir
 from rollout.worker import RolloutWorker
 from staleness.service import StalenessService
-from trainer import checkpoint
+from trainer import checkpoint, cluster
 from trainer.fleet import Fleet
 from trainer.invariance import effective_hparams
 from trainer.monitor import Monitor, plot_run
@@ -39,77 +37,6 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; a checkpoint of the last finite weights was written."""
 
 
-def _connect_ray(cfg) -> None:
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        # dashboard bound to loopback: a local run exposes nothing to the network
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", runtime_env=env)
-
-
-def _layout(cfg) -> dict:
-    """GPUs per actor and the weight-sync backend.
-
-    Disaggregated (default with 2+ GPUs): the configured rollout.num_gpus / trainer.num_gpus,
-    NCCL between them. Colocated (rollout.colocate=true, or unset on a 1-GPU cluster with GPUs
-    requested): trainer and engines share one GPU — the trainer takes half of it and the R
-    engines the other half between them (each engine's memory is rollout.gpu_memory_utilization),
-    and weights move by CUDA IPC handles.
-    """
-    r, t = cfg.rollout, cfg.trainer
-    gpus = ray.cluster_resources().get("GPU", 0)
-    colocate = r.colocate
-    if colocate is None:
-        colocate = gpus == 1 and r.num_gpus > 0 and t.num_gpus > 0
-    backend = cfg.weight_sync.backend
-    if colocate:
-        rollout_gpus, trainer_gpus = 0.5 / r.num_workers, 0.5
-        if backend == "auto":
-            backend = "ipc"
-        log.info("colocated layout: trainer and %d engine(s) share one GPU; weight sync by %s", r.num_workers, backend)
-    else:
-        rollout_gpus, trainer_gpus = r.num_gpus, t.num_gpus
-        if backend == "auto":
-            backend = "nccl" if rollout_gpus > 0 and trainer_gpus > 0 else "gloo"
-    if backend == "ipc" and not colocate:
-        raise ConfigError("weight_sync.backend=ipc needs the colocated layout (rollout.colocate=true)")
-    return {"colocate": colocate, "rollout_gpus": rollout_gpus, "trainer_gpus": trainer_gpus, "backend": backend}
-
-
-def _check_resources(cfg, layout: dict) -> None:
-    """Fail fast, naming what is missing, when the cluster cannot host the actors."""
-    total = ray.cluster_resources()
-    need_cpu = cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.trainer.num_workers * cfg.trainer.num_cpus
-    need_gpu = cfg.rollout.num_workers * layout["rollout_gpus"] + cfg.trainer.num_workers * layout["trainer_gpus"]
-    if need_cpu > total.get("CPU", 0):
-        raise ConfigError(
-            f"the actors need {need_cpu:g} CPUs (rollout.num_workers x rollout.num_cpus + trainer.num_cpus) but the "
-            f"Ray cluster has {total.get('CPU', 0):g}; lower rollout.num_cpus/trainer.num_cpus or add nodes"
-        )
-    if need_gpu > total.get("GPU", 0):
-        raise ConfigError(
-            f"the actors need {need_gpu:g} GPUs (rollout.num_gpus, trainer.num_gpus) but the Ray cluster has "
-            f"{total.get('GPU', 0):g}; set them to 0 for CPU or add GPU nodes"
-        )
-
-
-def _reserve(num_cpus: float, num_gpus: float, who: str, timeout_s: float = 120.0, count: int = 1):
-    """One placement group of `count` bundles (one per actor), packed onto as few nodes as possible."""
-    bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-    pg = placement_group([bundle] * count, strategy="STRICT_PACK" if count == 1 else "PACK")
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
-        raise ConfigError(f"the Ray cluster could not place the {who} ({bundle}) within {timeout_s:g} s: no node has "
-                          f"that much free at once; lower its num_cpus/num_gpus or add nodes") from None
-    return pg
-
-
 def start_trainer_group(trainers: list, on_gpu: bool) -> None:
     """Form the trainers' torch.distributed group when they shard with FSDP2 (several workers, or
     mixed precision on one GPU): every rank joins at once; then each shards and builds its optimizer."""
@@ -120,7 +47,7 @@ def start_trainer_group(trainers: list, on_gpu: bool) -> None:
 
 
 class Run:
-    def __init__(self, cfg, model_dir: str, layout: dict, task) -> None:
+    def __init__(self, cfg, model_dir: str, layout: dict, placement: cluster.Placement, task) -> None:
         self.cfg = cfg
         self.model_dir = model_dir
         self.layout = layout
@@ -138,27 +65,22 @@ class Run:
         except ValueError as e:  # the name is taken
             raise ConfigError(f"output_dir={cfg.output_dir!r} is being written by another run on this Ray cluster "
                               f"({e}); give this run its own output_dir") from None
-        # one placement group per actor: an engine's GPUs (its tensor-parallel group) and CPUs are
-        # reserved together on one node, and an unsatisfiable request fails here, before any work
+        # an engine's GPUs (its tensor-parallel group) and CPUs are reserved together on one node,
+        # shared GPUs as whole-GPU bundles; an unsatisfiable request fails here, before any work
         t = cfg.trainer
-        trainer_pg = _reserve(t.num_cpus, layout["trainer_gpus"], f"{t.num_workers} trainer worker(s)", count=t.num_workers)
-        worker_pgs = [_reserve(r.num_cpus, layout["rollout_gpus"], f"rollout worker {i}") for i in range(r.num_workers)]
-        self.placement_groups = [trainer_pg, *worker_pgs]
+        placement.reserve()
+        self.placement_groups = placement.groups
         self.trainers = [
-            ray.remote(TrainerWorker).options(
-                num_cpus=t.num_cpus, num_gpus=layout["trainer_gpus"],
-                scheduling_strategy=PlacementGroupSchedulingStrategy(trainer_pg, placement_group_bundle_index=k),
-            ).remote(cfg, self.model_dir, k, t.num_workers)
+            ray.remote(TrainerWorker).options(**placement.trainer(k)).remote(cfg, self.model_dir, k, t.num_workers)
             for k in range(t.num_workers)
         ]
         self.trainer = self.trainers[0]  # rank 0: weight-sync root, writes checkpoints
         self.workers = [
             ray.remote(RolloutWorker).options(
-                num_cpus=r.num_cpus, num_gpus=layout["rollout_gpus"], max_concurrency=10_000,
-                max_restarts=r.max_restarts, name=f"tether:rollout:{i}:{self.run_id}",
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+                **placement.worker(i), max_concurrency=10_000, max_restarts=r.max_restarts,
+                name=f"tether:rollout:{i}:{self.run_id}",
             ).remote(i, cfg, self.model_dir, self.service)
-            for i, pg in enumerate(worker_pgs)
+            for i in range(r.num_workers)
         ]
         self.fleet = Fleet(cfg, layout, self.trainers, self.workers, self.service)
         self.start_step = 0
@@ -382,14 +304,14 @@ def run(cfg) -> dict:
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     resume = checkpoint.driver_state(resume_from) if resume_from else None
-    _connect_ray(cfg)
-    layout = _layout(cfg)
-    _check_resources(cfg, layout)
+    # connect, give the automatic settings their values for this cluster (logged in one line),
+    # check the rules between them and that the cluster can host the actors
+    layout, placement = cluster.prepare(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    run_ = Run(cfg, model_dir, layout, task)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # the resolved values
+    run_ = Run(cfg, model_dir, layout, placement, task)
     monitor = Monitor(cfg, output_dir, resolved, resume=resume)
     run_.monitor = monitor
     try:

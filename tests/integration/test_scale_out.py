@@ -48,11 +48,11 @@ def test_two_fsdp_workers_match_one(tmp_path, ray_local, tiny_model_dir, num_min
     overrides = ["model=tiny", "trainer.lr=1e-4", "trainer.batch_size=6", "trainer.group_size=3",
                  f"trainer.num_minibatches={num_minibatches}", f"output_dir={tmp_path}"]
     batch = _batch()
-    one = TrainerWorker(compose([*overrides, "trainer.micro_batch_size=4"]), tiny_model_dir)
+    one = TrainerWorker(compose([*overrides, "trainer.micro_batch_size=4"], cluster_gpus=0), tiny_model_dir)
     expected = one.train_step(batch)
     one.export_hf(str(tmp_path / "one"), tiny_model_dir)
 
-    cfg2 = compose([*overrides, "trainer.micro_batch_size=1", "trainer.num_workers=2"])
+    cfg2 = compose([*overrides, "trainer.micro_batch_size=1", "trainer.num_workers=2"], cluster_gpus=0)
     actor = ray.remote(TrainerWorker).options(num_cpus=0.5)
     ranks = [actor.remote(cfg2, tiny_model_dir, r, 2) for r in range(2)]
     host, port = ray.get(ranks[0].sync_address.remote())
@@ -83,7 +83,7 @@ def test_lora_trains_adapters_only_and_merges(tmp_path, tiny_model_dir):
     from trainer.worker import TrainerWorker
 
     cfg = compose(["model=tiny", "model.lora.rank=4", "model.lora.alpha=8", "trainer.lr=1e-2",
-                   "trainer.batch_size=6", "trainer.group_size=3", f"output_dir={tmp_path}"])
+                   "trainer.batch_size=6", "trainer.group_size=3", f"output_dir={tmp_path}"], cluster_gpus=0)
     trainer = TrainerWorker(cfg, tiny_model_dir)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train_step(_batch())

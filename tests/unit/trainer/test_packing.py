@@ -13,7 +13,7 @@ def _trainer(tiny_model_dir, tmp_path, *overrides):
     from trainer.worker import TrainerWorker
 
     cfg = compose(["model=tiny", f"output_dir={tmp_path}", "trainer.lr=1e-3", "trainer.batch_size=6",
-                   "trainer.group_size=3", "trainer.grad_clip=1e9", *overrides])
+                   "trainer.group_size=3", "trainer.grad_clip=1e9", *overrides], cluster_gpus=0)
     return TrainerWorker(cfg, tiny_model_dir)
 
 

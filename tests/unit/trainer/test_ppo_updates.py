@@ -15,7 +15,8 @@ def _trainer(tiny_model_dir, tmp_path, *overrides):
     from trainer.worker import TrainerWorker
 
     cfg = compose(["model=tiny", f"output_dir={tmp_path}", "trainer.lr=1e-3", "trainer.batch_size=8",
-                   "trainer.group_size=4", "trainer.micro_batch_size=3", "algorithm.advantage=dr_grpo", *overrides])
+                   "trainer.group_size=4", "trainer.micro_batch_size=3", "algorithm.advantage=dr_grpo", *overrides],
+                  cluster_gpus=0)
     return TrainerWorker(cfg, tiny_model_dir)
 
 

@@ -11,7 +11,7 @@ def _trainer(tiny_model_dir, tmp_path, *overrides):
     from trainer.worker import TrainerWorker
 
     cfg = compose(["model=tiny", f"output_dir={tmp_path}", "trainer.lr=1e-3", "trainer.batch_size=2",
-                   "trainer.group_size=2", *overrides])
+                   "trainer.group_size=2", *overrides], cluster_gpus=0)
     return TrainerWorker(cfg, tiny_model_dir)
 
 
