@@ -6,10 +6,12 @@ and raises `ConfigError` with one line naming the key, the value and the fix.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
 
 class ConfigError(ValueError):
@@ -35,11 +37,12 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arithmetic"  # arithmetic | python_exec (code, run in a sandbox) | jsonl (a JSONL/Parquet file) | gsm8k
+    name: str = "arithmetic"  # arithmetic | python_exec (code, run in a sandbox) | jsonl (a JSONL/Parquet file) | gsm8k | calculator (tool use, multi-turn) | code_feedback (retry after failing tests)
     seed: int = 1234  # fixes the generated questions and the train/eval split
     num_train: int = 700  # arithmetic only
     num_eval: int = 100  # eval questions (for files: rows held out when task.eval_path is unset)
-    max_operand: int = 20  # arithmetic: operands are drawn from [1, max_operand]
+    max_operand: int = 20  # arithmetic, calculator: operands are drawn from [min_operand, max_operand]
+    min_operand: int = 1  # arithmetic, calculator
     ops: str = "+-"  # arithmetic: operators to draw from
     path: Optional[str] = None  # jsonl/gsm8k: a .jsonl or .parquet file
     eval_path: Optional[str] = None  # jsonl/gsm8k: a separate eval file
@@ -57,8 +60,12 @@ class RolloutConfig:
     max_concurrent_groups: int = 4  # prompt groups one worker generates at once
     temperature: float = 0.8  # sampling temperature of training rollouts (the trainer's log-probs use the same)
     top_p: float = 1.0
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # response length limit; in an episode, per model turn
     max_model_len: int = 512
+    # Episodes (only with an `env`): model turns alternate with the environment's output
+    max_turns: int = 4  # model turns per episode at most
+    max_episode_tokens: int = 256  # response tokens per episode at most (model turns + environment output)
+    env_timeout_s: float = 30.0  # an environment's reset/step that takes longer fails its episode (group dropped: error)
     gpu_memory_utilization: float = 0.3  # GPU: share of the GPU memory the engine may take
     kv_cache_gib: Optional[float] = None  # KV-cache size per engine; unset = 0.5 GiB on CPU, and on a GPU sized by vLLM from gpu_memory_utilization
     tensor_parallel_size: int = 1
@@ -204,6 +211,9 @@ class TetherConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # Multi-turn episodes: an Environment class by Hydra `_target_` (rewards/env.py), e.g. env=calculator
+    # (configs/env/) or env._target_=my_pkg.MyEnv; null = single-turn responses scored by task.reward
+    env: Optional[Any] = None
     seed: int = 0
     output_dir: str = "outputs/run"
     cache_dir: Optional[str] = None  # converted models; unset = TETHER_CACHE or .cache/ in the repo
@@ -239,6 +249,35 @@ def _validate_forced_length(r) -> None:
            f"must be <= rollout.max_new_tokens={r.max_new_tokens}; raise rollout.max_new_tokens (and rollout.max_model_len)")
 
 
+GENERATED_TASKS = ("arithmetic", "python_exec", "calculator", "code_feedback")  # no task.path needed
+
+
+def _validate_episodes(cfg) -> None:
+    r = cfg.rollout
+    _check(r.max_turns >= 1, "rollout.max_turns", r.max_turns, "must be >= 1")
+    _check(r.max_episode_tokens >= 1, "rollout.max_episode_tokens", r.max_episode_tokens, "must be >= 1")
+    _check(r.env_timeout_s > 0, "rollout.env_timeout_s", r.env_timeout_s, "must be > 0 seconds")
+    if cfg.env is None:
+        _check(cfg.task.name not in ("calculator", "code_feedback"), "env", None,
+               f"must name an environment for task.name={cfg.task.name}; use task={cfg.task.name} (it selects "
+               f"env={cfg.task.name}) or add env={cfg.task.name}")
+        return
+    target = cfg.env["_target_"] if isinstance(cfg.env, (dict, DictConfig)) and "_target_" in cfg.env else None
+    _check(isinstance(target, str) and bool(target), "env", cfg.env,
+           "must be a config node with a _target_ naming an Environment class, e.g. env=calculator or "
+           "env._target_=my_pkg.MyEnv")
+    module, _, name = target.rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except Exception as e:
+        raise ConfigError(f"env._target_={target!r} cannot be imported ({' '.join(str(e).split())[:200]}); give the "
+                          "full dotted path of an Environment class importable on every node (PYTHONPATH)") from None
+    _check(r.max_model_len > r.max_episode_tokens, "rollout.max_model_len", r.max_model_len,
+           f"must exceed rollout.max_episode_tokens={r.max_episode_tokens} (it holds the prompt too)")
+    _check(r.forced_length_median is None, "rollout.forced_length_median", r.forced_length_median,
+           "must be null with an env: forced lengths are for single-turn benchmarks")
+
+
 def validate(cfg) -> None:
     """Check every value; raise ConfigError naming the first bad key."""
     _choice("model.name", cfg.model.name, ("smollm2-135m", "tiny", "random-1.5b", "hf"))
@@ -252,8 +291,8 @@ def validate(cfg) -> None:
     _check(lc.rank == 0 or len(lc.target_modules) > 0, "model.lora.target_modules", list(lc.target_modules),
            "must name at least one module, e.g. [q_proj,v_proj]")
 
-    _choice("task.name", cfg.task.name, ("arithmetic", "jsonl", "gsm8k", "python_exec"))
-    _check(cfg.task.name in ("arithmetic", "python_exec") or bool(cfg.task.path), "task.path", cfg.task.path,
+    _choice("task.name", cfg.task.name, ("arithmetic", "jsonl", "gsm8k", "python_exec", "calculator", "code_feedback"))
+    _check(cfg.task.name in GENERATED_TASKS or bool(cfg.task.path), "task.path", cfg.task.path,
            f"must name a .jsonl or .parquet file when task.name={cfg.task.name}")
     _choice("task.reward", cfg.task.reward, ("last_integer", "math", "python_exec", "text_hash"))
     _check(cfg.rewards.num_workers >= 1, "rewards.num_workers", cfg.rewards.num_workers, "must be >= 1")
@@ -261,6 +300,8 @@ def validate(cfg) -> None:
     _check(cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train, "must be >= 1")
     _check(cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval, "must be >= 1")
     _check(cfg.task.max_operand >= 2, "task.max_operand", cfg.task.max_operand, "must be >= 2")
+    _check(1 <= cfg.task.min_operand < cfg.task.max_operand, "task.min_operand", cfg.task.min_operand,
+           f"must be in [1, task.max_operand={cfg.task.max_operand})")
     _check(bool(cfg.task.ops) and set(cfg.task.ops) <= set("+-*"), "task.ops", cfg.task.ops,
            "must be a non-empty string of the operators + - *")
 
@@ -288,6 +329,7 @@ def validate(cfg) -> None:
            f"rollout.tensor_parallel_size={r.tensor_parallel_size} (one GPU per tensor-parallel rank); unset = automatic")
     _check(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
     _validate_forced_length(r)
+    _validate_episodes(cfg)
 
     _check(cfg.staleness.max_staleness >= 0, "staleness.max_staleness", cfg.staleness.max_staleness,
            "must be >= 0; use 0 for synchronous training")
@@ -348,8 +390,11 @@ def validate(cfg) -> None:
     _check(not a.drop_zero_variance_groups or t.group_size >= 2, "algorithm.drop_zero_variance_groups",
            a.drop_zero_variance_groups, f"needs trainer.group_size >= 2 (a group of {t.group_size} always has "
            "zero variance, so every group would be dropped)")
-    _check(0 <= a.overlong_buffer < r.max_new_tokens, "algorithm.overlong_buffer", a.overlong_buffer,
-           f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}) tokens (0 = off)")
+    # the penalty counts response tokens up to the limit of a response: of a whole episode with an env
+    limit_key, limit = (("rollout.max_episode_tokens", r.max_episode_tokens) if cfg.env is not None
+                        else ("rollout.max_new_tokens", r.max_new_tokens))
+    _check(0 <= a.overlong_buffer < limit, "algorithm.overlong_buffer", a.overlong_buffer,
+           f"must be in [0, {limit_key}={limit}) tokens (0 = off)")
     _check(a.overlong_penalty >= 0, "algorithm.overlong_penalty", a.overlong_penalty, "must be >= 0")
     _check(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "trainer.adam_beta1/adam_beta2",
            (t.adam_beta1, t.adam_beta2), "must be in [0, 1)")

@@ -25,17 +25,20 @@ class Problem:
     answer: str
 
 
-def make_splits(seed: int, num_train: int, num_eval: int, max_operand: int, ops: str) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problems; raises ValueError when the space is too small for both."""
+def make_splits(seed: int, num_train: int, num_eval: int, max_operand: int, ops: str,
+                min_operand: int = 1) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) problems with operands in [min_operand, max_operand]; raises ValueError when
+    the space is too small for both."""
     space = [
         (a, op, b)
         for op in ops
-        for a, b in itertools.product(range(1, max_operand + 1), repeat=2)
+        for a, b in itertools.product(range(min_operand, max_operand + 1), repeat=2)
     ]
     if num_train + num_eval > len(space):
         raise ValueError(
             f"task.num_train + task.num_eval = {num_train + num_eval} exceeds the {len(space)} distinct "
-            f"questions with task.max_operand={max_operand} and task.ops={ops!r}; raise max_operand or lower the counts"
+            f"questions with task.min_operand={min_operand}, task.max_operand={max_operand} and task.ops={ops!r}; "
+            "widen the operand range or lower the counts"
         )
     random.Random(seed).shuffle(space)
     problems = [Problem(QUESTION.format(a=a, op=op, b=b), str(_OPS[op](a, b))) for a, op, b in space]

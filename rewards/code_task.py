@@ -17,7 +17,7 @@ import random
 import secrets
 
 from rewards.arithmetic import Problem
-from rewards.sandbox import run_python
+from rewards.sandbox import SandboxResult, run_python
 
 SANDBOX_TIMEOUT_S = 5.0  # per response; a RewardPool around this wants timeout_s >= 7 (start-up + cleanup)
 _ASK = "{task}\nAnswer with the complete function in a ```python code block."
@@ -93,10 +93,16 @@ def make_code_splits(seed: int, num_eval: int) -> tuple[list[Problem], list[Prob
 
 def python_exec_reward(response: str, answer: str) -> float:
     """1.0 if the response's code passes the hidden tests in `answer` (in the sandbox), else 0.0."""
+    passed, _ = run_tests(response, answer)
+    return 1.0 if passed else 0.0
+
+
+def run_tests(response: str, tests: str, timeout_s: float = SANDBOX_TIMEOUT_S) -> tuple[bool, SandboxResult]:
+    """Run the response's code and then `tests` in the sandbox: (passed, the run's result)."""
     token = secrets.token_hex(16)
-    program = "\n\n".join([extract_code(response), _HARNESS, answer, f"print({token!r})\n"])
-    result = run_python(program, timeout_s=SANDBOX_TIMEOUT_S)
-    return 1.0 if result.returncode == 0 and token in result.stdout else 0.0
+    program = "\n\n".join([extract_code(response), _HARNESS, tests, f"print({token!r})\n"])
+    result = run_python(program, timeout_s=timeout_s)
+    return result.returncode == 0 and token in result.stdout, result
 
 
 def extract_code(response: str) -> str:

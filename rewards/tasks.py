@@ -53,12 +53,13 @@ def resolve_data_path(path: str | None) -> str | None:
 
 def build_task(task_cfg) -> Task:
     """Problems and reward of `cfg.task`; raises ConfigError for a bad file, column or size."""
-    if task_cfg.name == "arithmetic":
+    if task_cfg.name in ("arithmetic", "calculator"):  # calculator: the same questions, answered with a tool
         try:
-            train, eval_ = make_splits(task_cfg.seed, task_cfg.num_train, task_cfg.num_eval, task_cfg.max_operand, task_cfg.ops)
+            train, eval_ = make_splits(task_cfg.seed, task_cfg.num_train, task_cfg.num_eval, task_cfg.max_operand,
+                                       task_cfg.ops, task_cfg.min_operand)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    elif task_cfg.name == "python_exec":
+    elif task_cfg.name in ("python_exec", "code_feedback"):  # code_feedback: the same problems, with retries
         from rewards.code_task import make_code_splits
 
         try:

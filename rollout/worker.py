@@ -26,6 +26,7 @@ from rewards.pool import RewardPool
 from rewards.shaping import overlong_penalty
 from rewards.tasks import build_task, render_prompt
 from rollout.engine import Engine, SamplingSpec
+from rollout.episode import EnvironmentFailure, EpisodeRunner, engine_sampler, gather_group
 from rollout.forced_length import forced_length_of
 from rollout.trajectory import Trajectory
 
@@ -77,6 +78,8 @@ class RolloutWorker:
         self._engine_lost_logged = False
         self.incarnation = uuid.uuid4().hex  # a restarted actor (same handle, new process) gets a new one
         self.stats = {"interrupted": 0, "generated_tokens": 0, "gen_time_s": 0.0, "reward_errors": 0, "groups": 0}
+        # multi-turn episodes with the config's environment (rollout/episode.py); None = single responses
+        self.episodes = EpisodeRunner(cfg, self.tokenizer, self.task, self.stats) if cfg.env is not None else None
 
     async def ping(self) -> dict:
         """Liveness and identity: the driver compares `incarnation` to spot a restart. `engine_dead`
@@ -227,24 +230,33 @@ class RolloutWorker:
         if self.cfg.algorithm.advantage == "remax":
             specs.append(("b", replace(spec, temperature=0.0)))
         specs = [(k, self._force_length(sp, ticket["seq"], i)) for i, (k, sp) in enumerate(specs)]
-        samples = await asyncio.gather(*(
-            self._sample(f"w{self.index}-{ticket['seq']}-{k}", prompt_ids, sp) for k, sp in specs
-        ))
+        if self.episodes is None:
+            samples = await asyncio.gather(*(
+                self._sample(f"w{self.index}-{ticket['seq']}-{k}", prompt_ids, sp) for k, sp in specs
+            ))
+        else:  # episodes: the environment gives the prompt and the reward
+            row = {"question": problem.question, "answer": problem.answer, "index": ticket["prompt_index"], "split": "train"}
+            samples = await gather_group(
+                self.episodes.run(f"w{self.index}-{ticket['seq']}-{k}", row, sp, self._sample) for k, sp in specs
+            )
         group = []
         alg = self.cfg.algorithm
+        limit = self.cfg.rollout.max_new_tokens if self.episodes is None else self.cfg.rollout.max_episode_tokens
         for (k, _), s in zip(specs, samples):
-            text = self.tokenizer.decode(s["tokens"], skip_special_tokens=True)
-            task_reward, failed = await self._score(text, problem.answer)
-            penalty = overlong_penalty(len(s["tokens"]), self.cfg.rollout.max_new_tokens, alg.overlong_buffer,
-                                       alg.overlong_penalty)
+            if self.episodes is None:
+                text = self.tokenizer.decode(s["tokens"], skip_special_tokens=True)
+                task_reward, failed = await self._score(text, problem.answer)
+            else:
+                text, task_reward, failed = s["text"], s["reward"], False
+            penalty = overlong_penalty(len(s["tokens"]), limit, alg.overlong_buffer, alg.overlong_penalty)
             reward = task_reward + penalty
             group.append(Trajectory(
                 traj_id=f"{ticket['seq']}-{k}", prompt_index=ticket["prompt_index"], group_id=str(ticket["seq"]),
-                prompt_ids=prompt_ids, response_ids=s["tokens"], logp_behav=s["logps"], versions=s["versions"],
-                start_version=ticket["version"], reward=reward, finish_reason=s["finish_reason"],
+                prompt_ids=s.get("prompt_ids", prompt_ids), response_ids=s["tokens"], logp_behav=s["logps"],
+                versions=s["versions"], start_version=ticket["version"], reward=reward, finish_reason=s["finish_reason"],
                 interruptions=s["interruptions"], reward_error=failed,
-                info={"text": text, "task_reward": task_reward, "overlong_penalty": penalty},
-                is_baseline=(k == "b"),
+                info={"text": text, "task_reward": task_reward, "overlong_penalty": penalty, **s.get("info", {})},
+                is_baseline=(k == "b"), loss_mask=s.get("loss_mask"),
             ))
         self.stats["groups"] += 1
         return group
@@ -320,6 +332,15 @@ class RolloutWorker:
 
         async def one(i: int) -> dict:
             problem = self.task.eval[i]
+            if self.episodes is not None:  # a greedy episode; one whose environment fails scores 0 (counted, logged)
+                row = {"question": problem.question, "answer": problem.answer, "index": i, "split": "eval"}
+                try:
+                    ep = await self.episodes.run(f"eval-w{self.index}-v{self.version}-{i}", row, spec,
+                                                 engine_sampler(self.engine, self.version))
+                except EnvironmentFailure as e:
+                    log.warning("eval episode %d scores 0: %s", i, e)
+                    return {"index": i, "reward": 0.0, "text": "", "answer": problem.answer, "env_error": str(e)}
+                return {"index": i, "reward": ep["reward"], "text": ep["text"], "answer": problem.answer, **ep["info"]}
             prompt_ids = render_prompt(self.task, self.tokenizer, problem.question)
             seg = await self.engine.generate(f"eval-w{self.index}-v{self.version}-{i}", prompt_ids, spec)
             text = self.tokenizer.decode(seg.token_ids, skip_special_tokens=True)

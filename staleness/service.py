@@ -50,6 +50,19 @@ def _zero_variance(group: list[Trajectory]) -> bool:
     return len({t.reward for t in group}) == 1
 
 
+def _count_episodes(counts: dict[str, int], trajs: list[Trajectory]) -> None:
+    """Add consumed episodes to `counts`: how many, their turns and tool calls, and their response
+    tokens written by the model and by the environment."""
+    for t in trajs:
+        if "turns" not in t.info:
+            continue  # a single-turn response
+        model = t.num_trained_tokens
+        for key, value in (("consumed", 1), ("turns", t.info["turns"]), ("tool_calls", t.info["tool_calls"]),
+                           ("tool_errors", t.info["tool_errors"]), ("model_tokens", model),
+                           ("env_tokens", len(t.response_ids) - model)):
+            counts[key] = counts.get(key, 0) + value
+
+
 class StalenessService:
     """Ray actor (async): `ray.remote(StalenessService).remote(...)`."""
 
@@ -74,6 +87,7 @@ class StalenessService:
         self._order: list[int] = []
         self._buffer: list[list[Trajectory]] = []  # finished groups, oldest first
         self._consumed_ids: set[str] = set()
+        self.episodes: dict[str, int] = {}  # consumed episodes (multi-turn rollouts): their turns, tool calls, tokens
         self._stopped = False
         self._cond: asyncio.Condition | None = None
 
@@ -187,6 +201,7 @@ class StalenessService:
                     raise RuntimeError(f"trajectory {traj.traj_id} would be consumed twice")
                 self._consumed_ids.add(traj.traj_id)
             self.ctl.consume(len(batch_trained), [self.ctl.version - t.start_version for t in batch_trained])
+            _count_episodes(self.episodes, batch_trained)
             cond.notify_all()
             return batch
 
@@ -223,13 +238,15 @@ class StalenessService:
         acc = self.ctl.accounting()
         acc["prompts_handed_out"] = self.cursor
         acc["requeued_on_resume"] = self.requeued_total
+        if self.episodes:
+            acc["episodes"] = dict(self.episodes)
         return acc
 
     async def snapshot(self) -> dict:
         """Cursor and counters for a checkpoint (JSON-able). Call while admission is paused."""
         return {"cursor": self.cursor, "next_seq": self.next_seq, "controller": self.ctl.state_dict(),
                 "outstanding": [self._outstanding[s] for s in sorted(self._outstanding)],
-                "requeued": list(self._requeued), "requeued_total": self.requeued_total}
+                "requeued": list(self._requeued), "requeued_total": self.requeued_total, "episodes": dict(self.episodes)}
 
     async def restore(self, snap: dict) -> None:
         """Continue from a snapshot. Its running and buffered groups died with the old run: they are
@@ -239,6 +256,7 @@ class StalenessService:
         self.ctl.load_state_dict(snap["controller"])
         self._requeued = list(snap["requeued"]) + list(snap["outstanding"])
         self.requeued_total = snap["requeued_total"] + len(snap["outstanding"])
+        self.episodes = dict(snap.get("episodes", {}))  # absent in checkpoints written before episodes existed
         self._outstanding = {}
         self._running = {}
 

@@ -21,6 +21,7 @@ from ray.util.placement_group import remove_placement_group
 
 from configs.schema import ConfigError, validate
 from rewards.tasks import build_task, resolve_data_path
+from rollout.episode import build_env, episode_metrics
 from rollout.models import resolve_model_dir
 from rollout.worker import RolloutWorker
 from staleness.service import StalenessService
@@ -223,6 +224,7 @@ class Run:
                 # responses whose tokens came from more than one policy version (interrupted by a publish)
                 "rollout/multi_version_frac": sum(len(set(t.versions)) > 1 for t in trained) / len(trained),
                 "reward/errors": sum(s["reward_errors"] for s in stats),
+                **episode_metrics(trained),
                 "faults/worker_restarts": self.fleet.faults["worker_restarts"],
                 "time/step_s": step_s, "time/rollout_wait_s": t_wait, "time/weight_sync_s": pub["seconds"],
                 "time/publish_idle_s": pub["idle_s"],  # admission paused: the engines wait for the new weights
@@ -253,6 +255,9 @@ class Run:
         self.evals.append(self.evaluate(cfg.trainer.max_steps))
         accounting = ray.get(self.service.accounting.remote())
         accounting["faults"] = dict(self.fleet.faults)
+        if cfg.env is not None:  # environment failures (their groups are in dropped: error)
+            stats = self.fleet.worker_stats(self.version)
+            accounting.setdefault("episodes", {}).update({k: sum(s[k] for s in stats) for k in ("env_errors", "env_timeouts")})
         (self.output_dir / "accounting.json").write_text(json.dumps(accounting, indent=1))
         if not accounting["identity_holds"]:
             raise RuntimeError(f"trajectory accounting does not add up: {accounting}")
@@ -298,6 +303,12 @@ def run(cfg) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     task = build_task(cfg.task)  # a task that cannot be built is a config error, before any actor starts
+    if cfg.env is not None:
+        try:
+            build_env(cfg.env)  # likewise an environment whose constructor fails
+        except Exception as e:
+            raise ConfigError(f"env={OmegaConf.to_container(cfg.env)} could not be built ({type(e).__name__}: {e}); "
+                              "fix its arguments") from None
     model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
     try:
         resume_from = checkpoint.resolve(cfg.checkpoint.resume, cfg.output_dir)

@@ -67,6 +67,14 @@ BAD = [
     ("eval.max_new_tokens=0", "eval.max_new_tokens"), ("eval.every_steps=-1", "eval.every_steps"),
     ("logger.wandb.mode=maybe", "logger.wandb.mode"), ("logger.sample_every=-1", "logger.sample_every"),
     ("logger.log_level=LOUD", "logger.log_level"),
+    ("task.min_operand=0", "task.min_operand"), ("task.min_operand=20", "task.min_operand"),
+    ("rollout.max_turns=0", "rollout.max_turns"), ("rollout.max_episode_tokens=0", "rollout.max_episode_tokens"),
+    ("rollout.env_timeout_s=0", "rollout.env_timeout_s"), ("task.name=calculator", "env"),
+    ("task=calculator rollout.max_episode_tokens=512", "rollout.max_model_len"),
+    ("task=calculator rollout.forced_length_median=8", "rollout.forced_length_median"),
+    ("task=calculator algorithm.overlong_buffer=256", "algorithm.overlong_buffer"),
+    ("+env.few_shot=true", "env"), ("+env._target_=no_such_module.Env", "env._target_"),
+    ("task=calculator env._target_=rewards.calculator.NoSuchEnv", "env._target_"),
 ]
 
 
@@ -88,3 +96,14 @@ def test_staleness_message_says_how_to_fix():
 def test_lora_dropout_is_allowed_once_dropout_is_kept():
     validate(compose(["output_dir=/tmp/unused", "model.lora.rank=4", "model.lora.dropout=0.1",
                       "trainer.disable_dropout=false"]))
+
+
+def test_episode_tasks_and_environments_are_valid():
+    for overrides in (["task=calculator"], ["task=code_feedback"], ["env=calculator"],
+                      ["task=calculator", "algorithm.overlong_buffer=64"]):  # an episode's limit is max_episode_tokens
+        validate(compose(["output_dir=/tmp/unused", *overrides]))
+
+
+def test_env_messages_say_how_to_fix():
+    assert _error(["task.name=calculator"]).endswith("use task=calculator (it selects env=calculator) or add env=calculator")
+    assert "full dotted path of an Environment class" in _error(["+env._target_=no_such_module.Env"])
