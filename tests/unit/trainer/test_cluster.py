@@ -205,15 +205,19 @@ def test_gpu_assignment_on_a_ray_instance_with_two_simulated_gpus():
     assert col["trainer0"] == col["engine0"] == col["engine1"]  # CUDA IPC: on rank 0's device
 
 
-def test_run_against_an_existing_instance_fails_fast_before_any_actor(tmp_path, ray_local, tiny_model_dir):
-    """The session's Ray instance (2 CPUs) is an existing cluster: it is not resized, and a run that
-    asks for 3 CPUs stops at start with one line; nothing is written, no actor is started."""
+def test_run_against_an_existing_instance_fails_fast_before_any_actor(tmp_path, ray_local, tiny_model_dir, monkeypatch):
+    """The session's Ray instance is an existing cluster (whoever started it): it is not resized, and a
+    run that asks for more CPUs than it has stops at start with one line; nothing is written, no actor
+    is started."""
+    from trainer import cluster
     from trainer.loop import run
 
-    cfg = compose(["model=tiny", "rollout.engine=hf", "rollout.num_workers=2", f"output_dir={tmp_path / 'out'}"])
+    monkeypatch.setattr(cluster, "_started_here", False)  # an earlier in-process run may have started it
+    cpus = ray_local.cluster_resources()["CPU"]
+    cfg = compose(["model=tiny", "rollout.engine=hf", f"rollout.num_cpus={cpus:g}", f"output_dir={tmp_path / 'out'}"])
     with pytest.raises(ConfigError) as e:
         run(cfg)
-    assert str(e.value).startswith("the actors need 3 CPUs") and str(e.value).endswith("or add nodes")
-    assert ray_local.cluster_resources()["CPU"] == 2
+    assert str(e.value).startswith(f"the actors need {cpus + 1:g} CPUs") and str(e.value).endswith("or add nodes")
+    assert ray_local.cluster_resources()["CPU"] == cpus
     assert not (tmp_path / "out").exists()
     assert not [a for a in ray_local.util.list_named_actors() if a.startswith("tether:")]
