@@ -109,6 +109,8 @@ class TrainerConfig:
     fsdp: Optional[bool] = None  # shard with FSDP2 (fully_shard); unset = when num_workers > 1
     lr_warmup_steps: int = 0  # linear warm-up of the learning rate over this many steps
     max_skipped_steps: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
+    max_restarts: int = 2  # a lost trainer (its process or node) is restarted in the run this many times: latest checkpoint loaded, weights re-published; 0 = the run stops
+    restart_timeout_s: float = 600.0  # how long a restart waits for the trainer's resources to come back (a replacement node) before the run stops
     inject_nan_steps: list[int] = field(default_factory=list)  # fault-injection hook: NaN loss at these steps (tests only)
     profile_steps: list[int] = field(default_factory=list)  # torch.profiler trace + table of these training steps in output_dir/profile/
     num_cpus: float = 1.0  # per trainer worker
@@ -366,6 +368,8 @@ def validate(cfg) -> None:
            "to train with dropout in the gradient pass, or model.lora.dropout=0")
     _check(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", t.lr_warmup_steps, "must be >= 0")
     _check(t.max_skipped_steps >= 1, "trainer.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
+    _check(t.max_restarts >= 0, "trainer.max_restarts", t.max_restarts, "must be >= 0")
+    _check(t.restart_timeout_s > 0, "trainer.restart_timeout_s", t.restart_timeout_s, "must be > 0")
     _check(all(s >= 1 for s in t.inject_nan_steps), "trainer.inject_nan_steps", list(t.inject_nan_steps),
            "must list steps >= 1 (it is a fault-injection hook for tests; leave it empty)")
     _check(all(s >= 1 for s in t.profile_steps), "trainer.profile_steps", list(t.profile_steps), "must list steps >= 1")

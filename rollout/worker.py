@@ -292,7 +292,8 @@ class RolloutWorker:
         return reason is not None
 
     async def run(self) -> None:
-        """Start the generation loops (returns at once; they run until `stop`)."""
+        """Start the generation loops (returns at once; they run until `stop`; again after a `stop`)."""
+        self._stopping = False
         self._loops = [asyncio.create_task(self._loop()) for _ in range(self.cfg.rollout.max_concurrent_groups)]
 
     async def stop(self) -> dict:

@@ -89,6 +89,7 @@ class StalenessService:
         self._consumed_ids: set[str] = set()
         self.episodes: dict[str, int] = {}  # consumed episodes (multi-turn rollouts): their turns, tool calls, tokens
         self._stopped = False
+        self._halted = False  # admission refused until the next restore (a trainer restarted in the run)
         self._cond: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -109,8 +110,8 @@ class StalenessService:
         request from a dead process must not admit anything)."""
         cond = self._condition()
         async with cond:
-            await cond.wait_for(lambda: self._stopped or worker in self._lost or self.ctl.can_admit(n))
-            if self._stopped or worker in self._lost:
+            await cond.wait_for(lambda: self._stopped or self._halted or worker in self._lost or self.ctl.can_admit(n))
+            if self._stopped or self._halted or worker in self._lost:
                 return None
             self.ctl.admit(n)
             seq, self.next_seq = self.next_seq, self.next_seq + 1
@@ -234,6 +235,14 @@ class StalenessService:
             self._stopped = True
             cond.notify_all()
 
+    async def halt(self) -> None:
+        """Refuse every admission, waiting ones included, until `restore`: the rollout workers' loops end
+        (a trainer is being restarted and the service rolled back to its checkpoint)."""
+        cond = self._condition()
+        async with cond:
+            self._halted = True
+            cond.notify_all()
+
     async def accounting(self) -> dict:
         acc = self.ctl.accounting()
         acc["prompts_handed_out"] = self.cursor
@@ -250,7 +259,9 @@ class StalenessService:
 
     async def restore(self, snap: dict) -> None:
         """Continue from a snapshot. Its running and buffered groups died with the old run: they are
-        un-admitted and their prompts are handed out again, oldest first, before new ones."""
+        un-admitted and their prompts are handed out again, oldest first, before new ones. In a live
+        service (a trainer restarted in the run) the groups admitted since the snapshot are forgotten
+        too: the generation loops were stopped first, and what they had finished is discarded."""
         self.cursor, self.next_seq = snap["cursor"], snap["next_seq"]
         self._order = []  # the next draw rebuilds the seeded order of the cursor's epoch
         self.ctl.load_state_dict(snap["controller"])
@@ -259,6 +270,10 @@ class StalenessService:
         self.episodes = dict(snap.get("episodes", {}))  # absent in checkpoints written before episodes existed
         self._outstanding = {}
         self._running = {}
+        self._buffer = []
+        self._halted = False
+        # tickets from next_seq on are issued again: what they produced before the rollback is forgotten
+        self._consumed_ids = {i for i in self._consumed_ids if int(i.split("-", 1)[0]) < self.next_seq}
 
     async def state(self) -> dict:
         return {"version": self.ctl.version, "paused": self.ctl.paused, "admitted": self.ctl.admitted, "running": self.ctl.running,

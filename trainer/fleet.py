@@ -55,7 +55,13 @@ class Fleet:
         self.hung = False  # a worker stopped answering: do not wait on it at close
         self.verified_publishes = 0
         self.faults = {"worker_restarts": 0, "rollouts_dropped_worker_lost": 0, "recovery_publishes_verified": 0,
-                       "engine_deaths": 0}
+                       "engine_deaths": 0, "trainer_restarts": 0, "steps_redone": 0}
+
+    def replace_trainers(self, trainers: list) -> None:
+        """A restarted trainer group: the plan is agreed and the weight-sync group formed again with it
+        (`init_weight_sync`); the engines stay as they are."""
+        self.trainers, self.trainer = trainers, trainers[0]
+        self.plan, self.ipc_handle = None, None
 
     def _all_trainers(self, method: str, *args):
         """Call a method on every trainer rank (they take part in the same collectives); rank 0's result."""

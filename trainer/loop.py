@@ -26,7 +26,7 @@ from rollout.models import resolve_model_dir
 from rollout.worker import RolloutWorker
 from staleness.service import StalenessService
 from trainer import checkpoint, cluster
-from trainer.fleet import Fleet
+from trainer.fleet import PING_TIMEOUT_S, Fleet
 from trainer.invariance import effective_hparams
 from trainer.monitor import Monitor, plot_run
 from trainer.worker import TrainerWorker
@@ -68,13 +68,10 @@ class Run:
                               f"({e}); give this run its own output_dir") from None
         # an engine's GPUs (its tensor-parallel group) and CPUs are reserved together on one node,
         # shared GPUs as whole-GPU bundles; an unsatisfiable request fails here, before any work
-        t = cfg.trainer
         placement.reserve()
+        self.placement = placement
         self.placement_groups = placement.groups
-        self.trainers = [
-            ray.remote(TrainerWorker).options(**placement.trainer(k)).remote(cfg, self.model_dir, k, t.num_workers)
-            for k in range(t.num_workers)
-        ]
+        self.trainers = self._new_trainers()
         self.trainer = self.trainers[0]  # rank 0: weight-sync root, writes checkpoints
         self.workers = [
             ray.remote(RolloutWorker).options(
@@ -90,10 +87,87 @@ class Run:
         self.consumed_tokens = 0
         self.max_lag = 0
         self.monitor: Monitor | None = None
+        self.run_tokens = 0  # consumed tokens of this process's training (not of a resumed run's earlier steps)
+        self.gen_before = 0  # the rollout workers' generated-token counters at the last step
+        self.initial_service_state: dict = {}
+
+    def _new_trainers(self) -> list:
+        t = self.cfg.trainer
+        return [ray.remote(TrainerWorker).options(**self.placement.trainer(k)).remote(self.cfg, self.model_dir, k,
+                                                                                        t.num_workers)
+                for k in range(t.num_workers)]
 
     def _all_trainers(self, method: str, *args):
         """Call a method on every trainer rank (they take part in the same collectives); rank 0's result."""
         return ray.get([getattr(t, method).remote(*args) for t in self.trainers])[0]
+
+    # ---- a lost trainer, recovered in the run -------------------------------------------
+    def _trainer_lost(self) -> bool:
+        refs = [t.uses_group.remote() for t in self.trainers]
+        try:
+            ray.get(refs, timeout=PING_TIMEOUT_S)
+            return False
+        except ray.exceptions.RayActorError:
+            return True
+        except ray.exceptions.GetTimeoutError:
+            return False  # alive but busy: not a loss, the original error stands
+
+    def _recover_trainers(self, error: Exception, step: int) -> int:
+        """A trainer rank died (its process or its node) during `step`. Stop generation, start a new
+        trainer group (waiting for its resources), load the latest complete checkpoint (or the initial
+        weights), roll the staleness service back to it, re-form the weight-sync group, publish and
+        verify, and return the step to continue after."""
+        cfg = self.cfg
+        restarts = self.fleet.faults["trainer_restarts"] + 1
+        if restarts > cfg.trainer.max_restarts:
+            raise RuntimeError(f"a trainer worker was lost during step {step} ({str(error).splitlines()[0][:200]}) "
+                               f"and trainer.max_restarts={cfg.trainer.max_restarts} restarts are used up; the run "
+                               "stops. Resume it with checkpoint.resume=auto") from None
+        log.warning("trainer lost during step %d (%s); restarting it in the run (%d of trainer.max_restarts=%d)",
+                    step, str(error).splitlines()[0][:200], restarts, cfg.trainer.max_restarts)
+        ray.get(self.service.pause.remote())
+        ray.get(self.service.halt.remote())  # the loops waiting for admission end
+        ray.get([w.stop.remote() for w in self.workers])  # in-flight requests aborted, their groups dropped
+        for t in self.trainers:
+            ray.kill(t)
+        self.trainers = self._new_trainers()
+        self.trainer = self.trainers[0]
+        refs = [t.uses_group.remote() for t in self.trainers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=cfg.trainer.restart_timeout_s)
+        if len(ready) < len(refs):
+            raise RuntimeError(f"the trainer was lost during step {step} and its replacement found no resources "
+                               f"within trainer.restart_timeout_s={cfg.trainer.restart_timeout_s:g} s (it needs "
+                               f"trainer.num_cpus={cfg.trainer.num_cpus:g} and {self.layout['trainer_gpus']:g} GPU per "
+                               "rank); the run stops. Resume it with checkpoint.resume=auto once the cluster has the "
+                               "capacity") from None
+        ray.get(refs)
+        start_trainer_group(self.trainers, self.layout["trainer_gpus"] > 0)
+        path = checkpoint.resolve("auto", self.output_dir) if cfg.checkpoint.enabled else None
+        if path is not None:
+            state = checkpoint.driver_state(path)
+            ray.get([t.load.remote(str(path)) for t in self.trainers])
+            back_to, service_state = state["step"], state["service"]
+            self.evals, self.consumed_tokens, self.max_lag = state["evals"], state["consumed_tokens"], state["max_lag"]
+        else:  # no checkpoint yet: the new trainer holds the initial weights, the service goes back to step 0
+            back_to, service_state = 0, self.initial_service_state
+            self.evals, self.consumed_tokens, self.max_lag = self.evals[:1], 0, 0
+        ray.get(self.service.restore.remote(service_state))
+        self.fleet.replace_trainers(self.trainers)
+        self.fleet.init_weight_sync()
+        self.fleet._publish_weights(back_to, verify=True)  # every engine == the restored trainer, bitwise
+        self.version = back_to
+        ray.get(self.service.set_version.remote(back_to))
+        ray.get([w.end_publish.remote() for w in self.workers])
+        ray.get(self.service.resume.remote())
+        ray.get([w.run.remote() for w in self.workers])
+        self.fleet.faults["trainer_restarts"] = restarts
+        self.fleet.faults["steps_redone"] += step - 1 - back_to
+        self.fleet.faults["recovery_publishes_verified"] += 1
+        if self.monitor is not None:
+            self.monitor.rewind(back_to)
+        log.warning("trainer restarted from %s; continuing after step %d (%d finished step(s) to train again)",
+                    path if path is not None else "the initial weights", back_to, step - 1 - back_to)
+        return back_to
 
     def setup(self) -> None:
         self._check_shared_output()
@@ -189,65 +263,21 @@ class Run:
         if not self.evals:
             self.evals = [self.evaluate(0)]
             log.info("eval before training: reward %.3f", self.evals[0]["eval/reward"])
+        self.initial_service_state = ray.get(self.service.snapshot.remote())  # a trainer lost before any checkpoint
         ray.get([w.run.remote() for w in self.workers])
         t_start = time.perf_counter()
-        run_tokens = 0
-        gen_before = 0
-        ck = cfg.checkpoint
-        for step in range(self.start_step + 1, cfg.trainer.max_steps + 1):
-            t0 = time.perf_counter()
-            batch = self.fleet.next_batch(self.version)
-            t_wait = time.perf_counter() - t0
-            version = step - 1  # weights the batch is trained from
-            trained = [t for t in batch if not t.is_baseline]  # ReMax baselines are not trained on
-            lags = [version - t.start_version for t in trained]
-            batch_ref = ray.put(batch)  # one copy in the object store, read by every trainer rank
-            metrics = self._all_trainers("train_step", batch_ref)
-            give_up = metrics["train/skipped_in_a_row"] >= cfg.trainer.max_skipped_steps
-            save = ck.enabled and (give_up or step == cfg.trainer.max_steps
-                                   or bool(ck.every_steps and step % ck.every_steps == 0))
-            pub = self.publish(step, save=save)
-            step_s = time.perf_counter() - t0
-            tokens = sum(t.num_tokens for t in trained)
-            self.consumed_tokens += tokens
-            run_tokens += tokens
-            stats = self.fleet.worker_stats(self.version)
-            gen_tokens = sum(s["generated_tokens"] for s in stats)
-            acc = ray.get(self.service.accounting.remote())
-            self.max_lag = max(self.max_lag, max(lags))
-            row = {
-                "step": step, "policy_version": step, **metrics,
-                "staleness/lag_mean": sum(lags) / len(lags), "staleness/lag_min": min(lags),
-                "staleness/lag_max": max(lags), "staleness/dropped": acc["dropped_total"],
-                "rollout/tokens_per_s": max(gen_tokens - gen_before, 0) / step_s,  # a restart resets a worker's count
-                "rollout/interrupted": pub["interrupted"],
-                # responses whose tokens came from more than one policy version (interrupted by a publish)
-                "rollout/multi_version_frac": sum(len(set(t.versions)) > 1 for t in trained) / len(trained),
-                "reward/errors": sum(s["reward_errors"] for s in stats),
-                **episode_metrics(trained),
-                "faults/worker_restarts": self.fleet.faults["worker_restarts"],
-                "time/step_s": step_s, "time/rollout_wait_s": t_wait, "time/weight_sync_s": pub["seconds"],
-                "time/publish_idle_s": pub["idle_s"],  # admission paused: the engines wait for the new weights
-                "weight_sync/bytes": pub["bytes"],
-                "perf/consumed_tokens_per_s": tokens / step_s,
-                "perf/consumed_tokens_per_s_cumulative": run_tokens / (time.perf_counter() - t_start),
-            }
-            gen_before = gen_tokens
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.max_steps:
-                self.evals.append(self.evaluate(step))
-                row["eval/reward"] = self.evals[-1]["eval/reward"]
-            monitor.log(row)
-            if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
-                monitor.samples(step, [{"prompt_index": t.prompt_index, "response": t.info.get("text", ""),
-                                        "reward": t.reward, "versions": f"{min(t.versions, default=step - 1)}"
-                                        f"-{max(t.versions, default=step - 1)}"} for t in trained[:8]])
-            if give_up:
-                raise TrainingDiverged(
-                    f"{metrics['train/skipped_in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}); stopped after step {step}. "
-                    + (f"The checkpoint in {checkpoint.root(self.output_dir)} holds the last finite weights: " if save
-                       else "No checkpoint was written (checkpoint.enabled=false): ")
-                    + "lower trainer.lr or raise trainer.grad_clip, then resume with checkpoint.resume=auto")
+        self.run_tokens = 0
+        step = self.start_step + 1
+        while step <= cfg.trainer.max_steps:
+            try:
+                self._train_step(step, monitor, t_start)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                # a dead rank, or a live rank whose collective broke with it
+                if not self._trainer_lost():
+                    raise
+                step = self._recover_trainers(e, step)
+            step += 1
+        run_tokens = self.run_tokens
         train_time = time.perf_counter() - t_start
         self.fleet.check_workers(self.version)  # the final eval needs every engine
         ray.get(self.service.stop.remote())
@@ -263,7 +293,7 @@ class Run:
             raise RuntimeError(f"trajectory accounting does not add up: {accounting}")
         (self.output_dir / "evals.json").write_text(json.dumps(self.evals, indent=1))
         plot_run(monitor.rows, self.evals, self.output_dir / "reward_staleness.png")
-        exported = str(self.export()) if ck.export_hf else None
+        exported = str(self.export()) if cfg.checkpoint.export_hf else None
         evals = self.evals
         return {
             "eval/reward_base": evals[0]["eval/reward"], "eval/reward_final": evals[-1]["eval/reward"],
@@ -274,6 +304,64 @@ class Run:
             "train_time_s": train_time, "accounting": accounting, "verified_publishes": self.fleet.verified_publishes,
             "exported_to": exported, "faults": dict(self.fleet.faults),
         }
+
+    def _train_step(self, step: int, monitor: Monitor, t_start: float) -> None:
+        """Take a batch, train, publish (checkpoint), log, evaluate."""
+        cfg, ck = self.cfg, self.cfg.checkpoint
+        t0 = time.perf_counter()
+        batch = self.fleet.next_batch(self.version)
+        t_wait = time.perf_counter() - t0
+        version = step - 1  # weights the batch is trained from
+        trained = [t for t in batch if not t.is_baseline]  # ReMax baselines are not trained on
+        lags = [version - t.start_version for t in trained]
+        batch_ref = ray.put(batch)  # one copy in the object store, read by every trainer rank
+        metrics = self._all_trainers("train_step", batch_ref)
+        give_up = metrics["train/skipped_in_a_row"] >= cfg.trainer.max_skipped_steps
+        save = ck.enabled and (give_up or step == cfg.trainer.max_steps
+                               or bool(ck.every_steps and step % ck.every_steps == 0))
+        pub = self.publish(step, save=save)
+        step_s = time.perf_counter() - t0
+        tokens = sum(t.num_tokens for t in trained)
+        self.consumed_tokens += tokens
+        self.run_tokens += tokens
+        stats = self.fleet.worker_stats(self.version)
+        gen_tokens = sum(s["generated_tokens"] for s in stats)
+        acc = ray.get(self.service.accounting.remote())
+        self.max_lag = max(self.max_lag, max(lags))
+        row = {
+            "step": step, "policy_version": step, **metrics,
+            "staleness/lag_mean": sum(lags) / len(lags), "staleness/lag_min": min(lags),
+            "staleness/lag_max": max(lags), "staleness/dropped": acc["dropped_total"],
+            "rollout/tokens_per_s": max(gen_tokens - self.gen_before, 0) / step_s,  # a restart resets a worker's count
+            "rollout/interrupted": pub["interrupted"],
+            # responses whose tokens came from more than one policy version (interrupted by a publish)
+            "rollout/multi_version_frac": sum(len(set(t.versions)) > 1 for t in trained) / len(trained),
+            "reward/errors": sum(s["reward_errors"] for s in stats),
+            **episode_metrics(trained),
+            "faults/worker_restarts": self.fleet.faults["worker_restarts"],
+            "faults/trainer_restarts": self.fleet.faults["trainer_restarts"],
+            "time/step_s": step_s, "time/rollout_wait_s": t_wait, "time/weight_sync_s": pub["seconds"],
+            "time/publish_idle_s": pub["idle_s"],  # admission paused: the engines wait for the new weights
+            "weight_sync/bytes": pub["bytes"],
+            "perf/consumed_tokens_per_s": tokens / step_s,
+            "perf/consumed_tokens_per_s_cumulative": self.run_tokens / (time.perf_counter() - t_start),
+        }
+        self.gen_before = gen_tokens
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.trainer.max_steps:
+            self.evals.append(self.evaluate(step))
+            row["eval/reward"] = self.evals[-1]["eval/reward"]
+        monitor.log(row)
+        if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
+            monitor.samples(step, [{"prompt_index": t.prompt_index, "response": t.info.get("text", ""),
+                                    "reward": t.reward, "versions": f"{min(t.versions, default=step - 1)}"
+                                    f"-{max(t.versions, default=step - 1)}"} for t in trained[:8]])
+        if give_up:
+            raise TrainingDiverged(
+                f"{metrics['train/skipped_in_a_row']} optimizer steps in a row had a non-finite loss or gradient "
+                f"(trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}); stopped after step {step}. "
+                + (f"The checkpoint in {checkpoint.root(self.output_dir)} holds the last finite weights: " if save
+                   else "No checkpoint was written (checkpoint.enabled=false): ")
+                + "lower trainer.lr or raise trainer.grad_clip, then resume with checkpoint.resume=auto")
 
     def close(self) -> None:
         """Let the engines shut down their processes (up to a minute in all), then kill every actor."""

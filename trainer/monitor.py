@@ -65,6 +65,18 @@ class Monitor:
             self.bar.set_postfix(reward=f"{row.get('reward/mean', 0):.2f}", lag=row.get("staleness/lag_max", 0),
                                  tok_s=f"{row.get('perf/consumed_tokens_per_s', 0):.0f}")
 
+    def rewind(self, step: int) -> None:
+        """Steps after `step` will be trained again (a trainer restarted from its checkpoint): their rows
+        leave metrics.jsonl, so it holds each step once. wandb keeps what it was sent: against `step`,
+        a redone step shows there twice."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        self._file.close()
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._file = open(self.metrics_path, "a")
+        if self.bar is not None:
+            self.bar.n = len(self.rows)
+            self.bar.refresh()
+
     def samples(self, step: int, rows: list[dict]) -> None:
         """A table of sample completions: `samples.jsonl` and a wandb Table."""
         with open(self.output_dir / "samples.jsonl", "a") as f:

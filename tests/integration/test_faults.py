@@ -239,3 +239,50 @@ def test_nan_loss_is_skipped_and_counted_then_stops_after_max_skipped(tmp_path, 
                      "trainer.max_skipped_steps=2", "task.reward=text_hash", f"output_dir={out}"]))
     assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
     assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+
+
+def _trainer_pids() -> list[int]:
+    """Live trainer actor processes of this test's Ray instance (its raylet is a child of this process;
+    Ray titles them ray::TrainerWorker)."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::TrainerWorker"):
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def test_killed_trainer_is_restarted_in_the_run_from_its_checkpoint(tmp_path, ray_local, tiny_model_dir):
+    """The trainer's process SIGKILLed mid-run: the driver starts a new trainer, loads the step-2
+    checkpoint, rolls the staleness service back to it, re-publishes (verified) and trains on; every
+    step appears once in metrics.jsonl and nothing is consumed twice."""
+    out = tmp_path / "run"
+    steps, batch = 6, 8
+    bg = _Background(compose([
+        *COMMON, "rollout.num_workers=1", "staleness.max_staleness=2", f"trainer.max_steps={steps}",
+        "checkpoint.every_steps=2", "weight_sync.verify=true", "weight_sync.timeout_s=60", f"output_dir={out}",
+    ]))
+    deadline = time.monotonic() + 600
+    _wait(lambda: len(_rows(out)) >= 3, deadline, "step 3")
+    (pid,) = _trainer_pids()
+    os.kill(pid, signal.SIGKILL)
+
+    bg.join(timeout=max(deadline - time.monotonic(), 1))
+    if bg.error is not None:
+        raise bg.error
+    summary = bg.result
+    assert [r["step"] for r in _rows(out)] == list(range(1, steps + 1))  # each step once
+    assert pid not in _trainer_pids()
+    faults = summary["faults"]
+    assert faults["trainer_restarts"] == 1 and faults["steps_redone"] in (1, 2)  # step 3 (and 4) after the step-2 checkpoint
+    assert faults["recovery_publishes_verified"] == 1
+    # every publish verified: each step's (the redone ones twice) and the recovery publish
+    assert summary["verified_publishes"] == steps + faults["steps_redone"] + 1
+    acc = json.loads((out / "accounting.json").read_text())
+    assert acc["identity_holds"] and acc["running"] == 0
+    assert acc["consumed"] == steps * batch  # the redone steps' first batches were rolled back with the service
+    assert acc["admitted"] == acc["consumed"] + acc["dropped_total"] + acc["in_flight"]
