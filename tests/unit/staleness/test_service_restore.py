@@ -125,3 +125,44 @@ def test_fixed_lag_trains_each_batch_exactly_k_versions_after_it_started():
         assert (await svc.accounting())["identity_holds"]
 
     asyncio.run(scenario())
+
+
+def test_a_live_service_rolls_back_to_its_checkpoint_for_a_restarted_trainer():
+    """In-run trainer recovery: halt ends the waiting admissions, restore in the same (live) service
+    forgets what was admitted, buffered and consumed after the snapshot, and the re-issued tickets'
+    trajectories can be consumed again (same ids, new content) while older ones still cannot."""
+    async def scenario():
+        svc = StalenessService(batch_size=4, max_staleness=1, max_running=None, num_prompts=10, seed=1)
+        first = [await svc.acquire(2, "w0") for _ in range(2)]
+        for t in first:
+            await svc.put(_group(t, 2))
+        await svc.get_batch(4)  # step 1: groups 0 and 1
+        await svc.pause()
+        await svc.set_version(1)
+        snap = await svc.snapshot()  # the checkpoint after step 1
+        await svc.resume()
+        later = [await svc.acquire(2, "w0") for _ in range(4)]  # (i + eta + 1) * B = 12: 8 more admitted
+        for t in later[:2]:
+            await svc.put(_group(t, 2))
+        await svc.get_batch(4)  # step 2, lost with the trainer
+        await svc.put(_group(later[2], 2))  # buffered when the trainer died; later[3] still running
+
+        waiting = asyncio.ensure_future(svc.acquire(2, "w0"))  # a loop waiting for admission (the pipeline is full)
+        await asyncio.sleep(0)
+        await svc.pause()
+        await svc.halt()
+        assert await waiting is None  # the loop ends instead of waiting forever
+        await svc.drop(later[3]["seq"], "shutdown")  # the aborted in-flight group
+        await svc.restore(snap)
+        acc = await svc.accounting()
+        assert acc["identity_holds"] and acc["consumed"] == 4 and acc["buffered"] == 0 and acc["in_flight"] == 0
+        await svc.resume()
+        again = [await svc.acquire(2, "w0") for _ in range(2)]
+        assert [t["seq"] for t in again] == [t["seq"] for t in later[:2]]  # the same tickets, issued again
+        assert [t["prompt_index"] for t in again] == [t["prompt_index"] for t in later[:2]]
+        for t in again:
+            await svc.put(_group(t, 2))
+        assert len(await svc.get_batch(4)) == 4  # their ids were consumed before the rollback: allowed again
+        assert (await svc.accounting())["consumed"] == 8
+
+    asyncio.run(scenario())
