@@ -188,3 +188,53 @@ def test_readme_ray_job_submit_block_runs_as_written(tmp_path, tiny_model_dir, e
     rows = [json.loads(x) for x in (result / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert (home / ".ray" / "auth_token").exists()
+
+
+@pytest.mark.slow
+def test_a_job_whose_driver_died_continues_when_submitted_again(tmp_path, tiny_model_dir):
+    """The README's job, made 8 steps with a checkpoint every 2: `ray job stop` kills its driver (and so
+    its actors) after step 3; the same submission again continues from the latest checkpoint and
+    finishes, each step once in metrics.jsonl."""
+    isolate = _isolation()
+    if isolate is None:
+        pytest.skip("needs Linux PID/network/mount namespaces (unshare)")
+    block = _readme_block("Submit to a Ray cluster")
+    job_out = re.search(r"output_dir=(\S+)", block).group(1)
+    setup, rest = block.split("ray job submit", 1)
+    submit = "ray job submit" + rest.split("\nray stop", 1)[0]
+    submit = submit.replace("trainer.max_steps=2", "trainer.max_steps=8 checkpoint.every_steps=2")
+    assert "checkpoint.every_steps=2" in submit
+    script = f"""{setup}
+id=$({submit.replace("ray job submit", "ray job submit --no-wait", 1)} 2>&1 | grep -o 'raysubmit_[A-Za-z0-9]*' | head -1)
+echo "first job: $id"
+for i in $(seq 900); do
+  [ -f {job_out}/metrics.jsonl ] && [ "$(wc -l < {job_out}/metrics.jsonl)" -ge 3 ] && break
+  sleep 1
+done
+ray job stop --address http://127.0.0.1:8265 "$id"
+ray job status --address http://127.0.0.1:8265 "$id"
+sleep 10
+{submit}
+ray stop
+"""
+    home, result = tmp_path / "home", tmp_path / "job_out"
+    (home / ".ray").mkdir(parents=True)
+    result.mkdir()
+    (tmp_path / "block.sh").write_text(script)
+    venv_bin = str(Path(PY).parent)
+    fresh_path = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                                 if p and p != venv_bin and not p.startswith(os.environ.get("VIRTUAL_ENV") or "\0"))
+    env = {"PATH": os.environ.get("PATH", os.defpath), "PY": PY, "REPO": str(REPO), "JOB_OUT": job_out,
+           "RESULT": str(result), "FRESH_HOME": str(home), "FRESH_PATH": fresh_path or os.defpath,
+           "BLOCK": str(tmp_path / "block.sh"), "LIMIT": "1500"}
+    out = subprocess.run([*isolate, "bash", "-c", _PRELUDE], env=env, capture_output=True, text=True, timeout=1700)
+    log = out.stdout + out.stderr
+    (tmp_path / "block.log").write_text(log)
+    why = "\n".join(line for line in log.splitlines() if "VINFO" not in line)[-6000:]
+    assert out.returncode == 0, f"exit status {out.returncode}\n{why}"
+    assert re.search(r"Job 'raysubmit_\w+' was stopped|STOPPED", log), why
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", log), why
+    rows = [json.loads(x) for x in (result / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)), why
+    summary = json.loads((result / "summary.json").read_text())
+    assert 2 <= summary["resumed_from_step"] < 8
