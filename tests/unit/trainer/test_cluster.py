@@ -221,3 +221,14 @@ def test_run_against_an_existing_instance_fails_fast_before_any_actor(tmp_path, 
     assert ray_local.cluster_resources()["CPU"] == cpus
     assert not (tmp_path / "out").exists()
     assert not [a for a in ray_local.util.list_named_actors() if a.startswith("tether:")]
+
+
+def test_cpu_trainer_threads_leave_the_engines_their_cores():
+    from trainer.worker import cpu_threads
+
+    sync = compose(["staleness.max_staleness=0"], cluster_gpus=0)
+    asyn = compose(["staleness.max_staleness=4"], cluster_gpus=0)
+    two = compose(["staleness.max_staleness=4", "rollout.num_workers=2", "rollout.num_cpus=1.5"], cluster_gpus=0)
+    assert cpu_threads(sync, 2) == 2  # the engines idle while it trains
+    assert cpu_threads(asyn, 2) == 1 and cpu_threads(asyn, 16) == 15  # one engine asks for one CPU
+    assert cpu_threads(two, 2) == 1 and cpu_threads(two, 8) == 5  # never below one thread
