@@ -251,10 +251,10 @@ class Fleet:
                         "waiting for Ray to restart it", i, dropped)
         for i in lost:
             self._wait_restarted(i)
+            self.faults["worker_restarts"] += 1  # counted now: a trainer lost meanwhile takes over the recovery
         ray.get([self.workers[i].start.remote() for i in lost])
         self.init_weight_sync(restarted=lost)
         out = self._publish_weights(version, verify=True)  # every engine == trainer, bitwise; engines held
-        self.faults["worker_restarts"] += len(lost)
         self.faults["recovery_publishes_verified"] += 1
         log.warning("rollout workers %s restarted, re-joined the weight sync and verified at version %d", lost, version)
         return out

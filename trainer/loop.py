@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 from omegaconf import OmegaConf
 from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from configs.schema import ConfigError, validate
 from rewards.tasks import build_task, resolve_data_path
@@ -59,7 +60,10 @@ class Run:
         # second run writing to the same directory fails here instead of mixing outputs
         self.run_id = str(self.output_dir.resolve())
         try:
-            self.service = ray.remote(StalenessService).options(num_cpus=0, name=f"tether:staleness:{self.run_id}").remote(
+            # on the driver's node: a lost worker node must not take the run's data state with it
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.service = ray.remote(StalenessService).options(
+                num_cpus=0, name=f"tether:staleness:{self.run_id}", scheduling_strategy=here).remote(
                 cfg.trainer.batch_size, cfg.staleness.max_staleness, cfg.staleness.max_running,
                 len(task.train), cfg.seed, cfg.algorithm.drop_zero_variance_groups, cfg.staleness.fixed_lag,
             )
