@@ -151,25 +151,16 @@ exit $rc
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("earlier_token", [False, True], ids=["fresh-home", "token-from-an-earlier-run"])
-def test_readme_ray_job_submit_block_runs_as_written(tmp_path, tiny_model_dir, earlier_token):
-    """The README's "Submit to a Ray cluster" lines, verbatim, in a fresh shell that has only the
-    repository and its .venv (no activated environment, no RAY_* variables, a new HOME): with no
-    token yet, and with ~/.ray/auth_token left by an earlier local run (where `ray job submit`
-    used to be refused)."""
-    isolate = _isolation()
-    if isolate is None:
-        pytest.skip("needs Linux PID/network/mount namespaces (unshare): the README's `ray stop` would "
-                    "otherwise stop every Ray instance on this machine")
-    block = _readme_block("Submit to a Ray cluster")
-    job_out = re.search(r"output_dir=(\S+)", block).group(1)
+def _run_in_namespaces(isolate: list[str], tmp_path: Path, script: str, job_out: str, token: str | None = None):
+    """`script` in a fresh shell inside private namespaces (_PRELUDE), HOME a new directory (with an
+    earlier run's Ray token if given), the job's output_dir bound to tmp_path/job_out. Returns (log,
+    why: the log without Ray's verbose lines, for failure messages, result directory)."""
     home, result = tmp_path / "home", tmp_path / "job_out"
     (home / ".ray").mkdir(parents=True)
     result.mkdir()
-    if earlier_token:
-        (home / ".ray" / "auth_token").write_text(secrets.token_hex(16))
-    (tmp_path / "block.sh").write_text(block)
+    if token is not None:
+        (home / ".ray" / "auth_token").write_text(token)
+    (tmp_path / "block.sh").write_text(script)
     venv_bin = str(Path(PY).parent)
     fresh_path = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
                                  if p and p != venv_bin and not p.startswith(os.environ.get("VIRTUAL_ENV") or "\0"))
@@ -183,6 +174,25 @@ def test_readme_ray_job_submit_block_runs_as_written(tmp_path, tiny_model_dir, e
     # on failure: what Ray says about the job (status message, the job's last log lines)
     why = "\n".join(line for line in log.splitlines() if "VINFO" not in line)[-6000:]
     assert out.returncode == 0, f"exit status {out.returncode}\n{why}"
+    return log, why, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("earlier_token", [False, True], ids=["fresh-home", "token-from-an-earlier-run"])
+def test_readme_ray_job_submit_block_runs_as_written(tmp_path, tiny_model_dir, earlier_token):
+    """The README's "Submit to a Ray cluster" lines, verbatim, in a fresh shell that has only the
+    repository and its .venv (no activated environment, no RAY_* variables, a new HOME): with no
+    token yet, and with ~/.ray/auth_token left by an earlier local run (where `ray job submit`
+    used to be refused)."""
+    isolate = _isolation()
+    if isolate is None:
+        pytest.skip("needs Linux PID/network/mount namespaces (unshare): the README's `ray stop` would "
+                    "otherwise stop every Ray instance on this machine")
+    block = _readme_block("Submit to a Ray cluster")
+    job_out = re.search(r"output_dir=(\S+)", block).group(1)
+    log, why, result = _run_in_namespaces(isolate, tmp_path, block, job_out,
+                                          secrets.token_hex(16) if earlier_token else None)
+    home = tmp_path / "home"
     assert re.search(r"Job 'raysubmit_\w+' succeeded", log), why
     assert "AuthenticationError" not in log and "No module named" not in log
     rows = [json.loads(x) for x in (result / "metrics.jsonl").read_text().splitlines()]
@@ -217,21 +227,7 @@ sleep 10
 {submit}
 ray stop
 """
-    home, result = tmp_path / "home", tmp_path / "job_out"
-    (home / ".ray").mkdir(parents=True)
-    result.mkdir()
-    (tmp_path / "block.sh").write_text(script)
-    venv_bin = str(Path(PY).parent)
-    fresh_path = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
-                                 if p and p != venv_bin and not p.startswith(os.environ.get("VIRTUAL_ENV") or "\0"))
-    env = {"PATH": os.environ.get("PATH", os.defpath), "PY": PY, "REPO": str(REPO), "JOB_OUT": job_out,
-           "RESULT": str(result), "FRESH_HOME": str(home), "FRESH_PATH": fresh_path or os.defpath,
-           "BLOCK": str(tmp_path / "block.sh"), "LIMIT": "1500"}
-    out = subprocess.run([*isolate, "bash", "-c", _PRELUDE], env=env, capture_output=True, text=True, timeout=1700)
-    log = out.stdout + out.stderr
-    (tmp_path / "block.log").write_text(log)
-    why = "\n".join(line for line in log.splitlines() if "VINFO" not in line)[-6000:]
-    assert out.returncode == 0, f"exit status {out.returncode}\n{why}"
+    log, why, result = _run_in_namespaces(isolate, tmp_path, script, job_out)
     assert re.search(r"Job 'raysubmit_\w+' was stopped|STOPPED", log), why
     assert re.search(r"Job 'raysubmit_\w+' succeeded", log), why
     rows = [json.loads(x) for x in (result / "metrics.jsonl").read_text().splitlines()]
