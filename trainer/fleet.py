@@ -143,7 +143,7 @@ class Fleet:
         held = self.cfg.weight_sync.verify  # engines wait for the verification before generating
         if not lost:
             try:
-                out = self._publish_weights(version, verify=held)
+                out = self.publish_weights(version, verify=held)
             except (ray.exceptions.RayError, WeightSyncTimeout) as e:
                 try:
                     lost = self.lost_workers()
@@ -174,8 +174,9 @@ class Fleet:
             ray.get([self.workers[i].run.remote() for i in lost])  # generation resumes under verified weights
         return {**out, "idle_s": time.perf_counter() - t0}
 
-    def _publish_weights(self, version: int, verify: bool) -> dict:
-        """One call per engine (pause, receive, version; resume unless `verify`) beside the trainer's."""
+    def publish_weights(self, version: int, verify: bool) -> dict:
+        """One call per engine (pause, receive, version; resume unless `verify`) beside the trainer's.
+        With `verify`, the engines stay paused after the check: the caller resumes them (`end_publish`)."""
         what = f"weight sync of version {version}"
         if not self.cfg.rollout.interrupt_on_publish:
             # waiting for in-flight requests can take minutes: not inside the broadcast's timeout
@@ -254,7 +255,7 @@ class Fleet:
             self.faults["worker_restarts"] += 1  # counted now: a trainer lost meanwhile takes over the recovery
         ray.get([self.workers[i].start.remote() for i in lost])
         self.init_weight_sync(restarted=lost)
-        out = self._publish_weights(version, verify=True)  # every engine == trainer, bitwise; engines held
+        out = self.publish_weights(version, verify=True)  # every engine == trainer, bitwise; engines held
         self.faults["recovery_publishes_verified"] += 1
         log.warning("rollout workers %s restarted, re-joined the weight sync and verified at version %d", lost, version)
         return out

@@ -158,7 +158,7 @@ class Run:
         ray.get(self.service.restore.remote(service_state))
         self.fleet.replace_trainers(self.trainers)
         self.fleet.init_weight_sync()
-        self.fleet._publish_weights(back_to, verify=True)  # every engine == the restored trainer, bitwise
+        self.fleet.publish_weights(back_to, verify=True)  # every engine == the restored trainer, bitwise
         self.version = back_to
         ray.get(self.service.set_version.remote(back_to))
         ray.get([w.end_publish.remote() for w in self.workers])
@@ -207,22 +207,37 @@ class Run:
                               f"driver cannot read, so its checkpoints and export would be lost; {fix}")
 
     def publish(self, version: int, save: bool = False) -> dict:
-        """Version `version` to every engine (trainer/fleet.py); with `save`, a checkpoint while admission is paused."""
-        pub = self.fleet.publish(version, checkpoint=(lambda: self.save_checkpoint(version)) if save else None)
+        """Version `version` to every engine (trainer/fleet.py); with `save`, a checkpoint written while
+        admission is paused (`pub["checkpoint"]`; it counts once `commit_checkpoint` has run)."""
+        written = []
+        pub = self.fleet.publish(version, checkpoint=(lambda: written.append(self.save_checkpoint(version)))
+                                 if save else None)
+        pub["checkpoint"] = written[0] if written else None
         self.version = version
         return pub
 
     # ---- checkpoint, resume, export ---------------------------------------------------
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int) -> tuple[Path, dict, float]:
+        """Write the trainer state and the driver's (data cursor, counters) of step `step` into a
+        temporary directory; `commit_checkpoint` makes it the latest complete checkpoint. The step's row
+        goes into metrics.jsonl between the two, so a run stopped at any moment resumes from a step whose
+        row was written: it never skips a row, and the rows after its checkpoint are rewritten."""
         t0 = time.perf_counter()
         tmp = checkpoint.begin(self.output_dir, step)
         self._all_trainers("save", str(tmp))
-        state = {"step": step, "service": ray.get(self.service.snapshot.remote()), "evals": self.evals,
-                 "consumed_tokens": self.consumed_tokens, "max_lag": self.max_lag,
+        # admission is paused: the service's state (data cursor, admitted rollouts) belongs to this version
+        state = {"step": step, "service": ray.get(self.service.snapshot.remote())}
+        return tmp, state, time.perf_counter() - t0
+
+    def commit_checkpoint(self, written: tuple[Path, dict, float]) -> Path:
+        """The driver's counters as they stand after the step (its tokens, lags and evaluation counted)."""
+        t0 = time.perf_counter()
+        tmp, state, write_s = written
+        state = {**state, "evals": self.evals, "consumed_tokens": self.consumed_tokens, "max_lag": self.max_lag,
                  "wandb_run_id": self.monitor.run_id if self.monitor else None}
-        path = checkpoint.commit(tmp, step, state)
+        path = checkpoint.commit(tmp, state["step"], state)
         checkpoint.prune(self.output_dir, self.cfg.checkpoint.keep_last)
-        log.info("checkpoint after step %d: %s (%.1f s)", step, path, time.perf_counter() - t0)
+        log.info("checkpoint after step %d: %s (%.1f s)", state["step"], path, write_s + time.perf_counter() - t0)
         return path
 
     def restore(self, path: Path) -> None:
@@ -355,6 +370,8 @@ class Run:
             self.evals.append(self.evaluate(step))
             row["eval/reward"] = self.evals[-1]["eval/reward"]
         monitor.log(row)
+        if pub["checkpoint"] is not None:
+            self.commit_checkpoint(pub["checkpoint"])
         if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
             monitor.samples(step, [{"prompt_index": t.prompt_index, "response": t.info.get("text", ""),
                                     "reward": t.reward, "versions": f"{min(t.versions, default=step - 1)}"

@@ -22,9 +22,13 @@ def test_loop_tiny(tmp_path, ray_local, tiny_model_dir, engine, eta):
         f"trainer.max_steps={8 if engine == 'vllm' else 4}", "trainer.batch_size=8", "trainer.group_size=4", "trainer.micro_batch_size=4",
         f"rollout.num_workers={1 if engine == 'vllm' else 2}", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
         "rollout.kv_cache_gib=0.25",
-        # vLLM: long forced responses, so that publishes interrupt them mid-way
         f"rollout.max_new_tokens={64 if engine == 'vllm' else 8}", "rewards.num_workers=1",
-        "rollout.max_concurrent_groups=2", "task.num_eval=4", "eval.max_new_tokens=4",
+        # vLLM: twice a batch of groups in flight, with forced lengths of different sizes, so that groups end at
+        # different times and a publish (which follows a batch's last group) lands mid-way through the others.
+        # With exactly one batch in flight every publish found only requests that had just started (no token yet)
+        *(["rollout.max_concurrent_groups=4", "rollout.forced_length_median=32", "rollout.forced_length_sigma=0.7",
+            "rollout.forced_length_max=64"] if engine == "vllm" else ["rollout.max_concurrent_groups=2"]),
+        "task.num_eval=4", "eval.max_new_tokens=4",
         "weight_sync.verify=true", "logger.wandb.mode=disabled", "logger.progress=false", f"output_dir={tmp_path}",
     ])
     summary = run(cfg)

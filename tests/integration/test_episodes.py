@@ -25,7 +25,13 @@ def test_episodes_end_to_end(tmp_path, ray_local, tiny_model_dir, engine):
         "model=tiny", f"rollout.engine={engine}", "staleness.max_staleness=2",
         f"trainer.max_steps={steps}", "trainer.batch_size=8", "trainer.group_size=4", "trainer.micro_batch_size=4",
         f"rollout.num_workers={1 if engine == 'vllm' else 2}", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
-        "rollout.kv_cache_gib=0.25", "rewards.num_workers=1", "rollout.max_concurrent_groups=2",
+        "rollout.kv_cache_gib=0.25", "rewards.num_workers=1",
+        # vLLM: a publish must land mid-turn. The trainer skips its update (equal rewards: every advantage 0),
+        # so it waits for the engine; twice a batch of groups is in flight, and the environment answers some
+        # rows later than others, so groups end at different times and the publish after a batch's last group
+        # finds the others mid-turn (with one batch in flight, or a trainer slower than the engine, it finds none)
+        *(["rollout.max_concurrent_groups=4", "+env.fixed_reward=0.0", "+env.stagger_s=0.2"]
+          if engine == "vllm" else ["rollout.max_concurrent_groups=2"]),
         # the random tiny model rarely stops: every turn runs to its limit, long enough for publishes to land mid-turn
         f"rollout.max_new_tokens={24 if engine == 'vllm' else 6}", "rollout.max_turns=4", "rollout.max_episode_tokens=200",
         "+env._target_=tests.episode_envs.Turns", f"+env.turns={TURNS}", "+env.fail_every=5", "+env.fail_eval=true",

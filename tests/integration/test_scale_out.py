@@ -160,6 +160,38 @@ def test_resume_is_exact_in_sync_mode(tmp_path, ray_local, tiny_model_dir):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_run_stopped_before_a_steps_row_resumes_where_every_row_was_written(tmp_path, ray_local, tiny_model_dir,
+                                                                              monkeypatch):
+    """The driver dies after step 2's checkpoint was written but before step 2's row reached
+    metrics.jsonl: step 2's checkpoint does not count (it is committed only after the row), so the
+    resumed run trains step 2 again and metrics.jsonl holds every step once, none skipped."""
+    from trainer import monitor as monitor_module
+    from trainer.loop import run
+
+    base = [*COMMON, "staleness.max_staleness=1", "trainer.batch_size=4", "trainer.group_size=2",
+            "trainer.micro_batch_size=2", "checkpoint.every_steps=1", "checkpoint.keep_last=3",
+            "trainer.max_steps=3", f"output_dir={tmp_path}"]
+    log = monitor_module.Monitor.log
+
+    def stop_at_step_2(self, row):
+        if row["step"] == 2:
+            raise RuntimeError("driver stopped before the row of step 2")
+        log(self, row)
+
+    monkeypatch.setattr(monitor_module.Monitor, "log", stop_at_step_2)
+    with pytest.raises(RuntimeError, match="driver stopped"):
+        run(compose(base))
+    monkeypatch.undo()
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir()) if p.is_dir() and not p.name.startswith(".")] \
+        == ["step_00000001"]
+    second = run(compose(base))
+    assert second["resumed_from_step"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    acc = json.loads((tmp_path / "accounting.json").read_text())
+    assert acc["identity_holds"] and acc["consumed"] == 12
+
+
 def test_resume_names_a_bad_checkpoint_path(tmp_path, tiny_model_dir):
     from configs.schema import ConfigError
     from trainer.loop import run
