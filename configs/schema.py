@@ -99,7 +99,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     pack_sequences: bool = True  # trajectories packed into rows with no padding (variable-length attention); false = the padded layout
-    max_tokens_per_micro_batch: int = 8192  # packed: token budget of one forward/backward (memory vs kernel efficiency); does not change the gradient
+    max_tokens_per_micro_batch: Optional[int] = None  # packed: token budget of one forward/backward (memory vs kernel efficiency); does not change the gradient; unset = 8192 on a GPU, 2048 on CPU
     micro_batch_size: int = 8  # padded layout only: trajectories per forward/backward; does not change the gradient
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute
     num_minibatches: int = 1  # optimizer updates per pass over the batch, each on 1/K of it (PPO minibatches); 1 + recompute = the clip never acts
@@ -355,7 +355,8 @@ def validate(cfg) -> None:
     _check(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
     _check(t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0")
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
-    _check(t.max_tokens_per_micro_batch >= 1, "trainer.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch,
+    _check(t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
+           "trainer.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch,
            "must be >= 1 token (a longer trajectory still gets a micro-batch of its own)")
     _check(t.num_workers >= 1, "trainer.num_workers", t.num_workers, "must be >= 1")
     _check(t.num_workers == 1 or t.fsdp is not False, "trainer.fsdp", t.fsdp,

@@ -25,14 +25,15 @@ def _settings(cfg) -> dict:
     r, t = cfg.rollout, cfg.trainer
     return {"model.dtype": cfg.model.dtype, "rollout.enforce_eager": r.enforce_eager, "rollout.kv_cache_gib": r.kv_cache_gib,
             "rollout.num_gpus": r.num_gpus, "trainer.num_gpus": t.num_gpus, "rollout.colocate": r.colocate,
-            "weight_sync.backend": cfg.weight_sync.backend}
+            "weight_sync.backend": cfg.weight_sync.backend, "trainer.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch}
 
 
 def test_no_gpu_gives_the_cpu_values():
     cfg, chosen = _resolved(0)
     # the defaults before they became automatic
     expected = {"model.dtype": "float32", "rollout.enforce_eager": True, "rollout.kv_cache_gib": 0.5,
-                "rollout.num_gpus": 0.0, "trainer.num_gpus": 0.0, "rollout.colocate": False, "weight_sync.backend": "gloo"}
+                "rollout.num_gpus": 0.0, "trainer.num_gpus": 0.0, "rollout.colocate": False, "weight_sync.backend": "gloo",
+                "trainer.max_tokens_per_micro_batch": 2048}
     assert _settings(cfg) == expected
     assert chosen == expected  # every one was automatic, and the log line names each
     assert layout(cfg) == {"colocate": False, "rollout_gpus": 0.0, "trainer_gpus": 0.0, "backend": "gloo"}
@@ -42,7 +43,7 @@ def test_one_gpu_colocates_a_bf16_engine_with_cuda_graphs():
     cfg, chosen = _resolved(1)
     assert _settings(cfg) == {"model.dtype": "bfloat16", "rollout.enforce_eager": False, "rollout.kv_cache_gib": None,
                               "rollout.num_gpus": 1.0, "trainer.num_gpus": 1.0, "rollout.colocate": True,
-                              "weight_sync.backend": "ipc"}
+                              "weight_sync.backend": "ipc", "trainer.max_tokens_per_micro_batch": 8192}
     assert chosen["rollout.kv_cache_gib"] is None  # logged: vLLM sizes it from gpu_memory_utilization
     # trainer half the GPU, the engines the other half
     assert layout(cfg) == {"colocate": True, "rollout_gpus": 0.5, "trainer_gpus": 0.5, "backend": "ipc"}
@@ -54,7 +55,7 @@ def test_two_gpus_put_trainer_and_engine_on_separate_gpus():
     cfg, _ = _resolved(2)
     assert _settings(cfg) == {"model.dtype": "bfloat16", "rollout.enforce_eager": False, "rollout.kv_cache_gib": None,
                               "rollout.num_gpus": 1.0, "trainer.num_gpus": 1.0, "rollout.colocate": False,
-                              "weight_sync.backend": "nccl"}
+                              "weight_sync.backend": "nccl", "trainer.max_tokens_per_micro_batch": 8192}
     assert layout(cfg) == {"colocate": False, "rollout_gpus": 1.0, "trainer_gpus": 1.0, "backend": "nccl"}
     placement = Placement(cfg, layout(cfg))
     assert placement.shared == [] and placement.gpus_needed() == 2
@@ -69,12 +70,13 @@ def test_tensor_parallel_engine_gets_one_gpu_per_rank():
 @pytest.mark.parametrize("gpus", [0, 1, 2])
 def test_user_overrides_win(gpus):
     overrides = ["model.dtype=float16", "rollout.enforce_eager=true", "rollout.kv_cache_gib=2",
-                 "rollout.num_gpus=0", "trainer.num_gpus=0", "rollout.colocate=false", "weight_sync.backend=gloo"]
+                 "rollout.num_gpus=0", "trainer.num_gpus=0", "rollout.colocate=false", "weight_sync.backend=gloo",
+                 "trainer.max_tokens_per_micro_batch=4096"]
     cfg, chosen = _resolved(gpus, *overrides)
     assert chosen == {}
     assert _settings(cfg) == {"model.dtype": "float16", "rollout.enforce_eager": True, "rollout.kv_cache_gib": 2.0,
                               "rollout.num_gpus": 0.0, "trainer.num_gpus": 0.0, "rollout.colocate": False,
-                              "weight_sync.backend": "gloo"}
+                              "weight_sync.backend": "gloo", "trainer.max_tokens_per_micro_batch": 4096}
 
 
 def test_one_override_keeps_the_other_choices_automatic():
@@ -82,6 +84,7 @@ def test_one_override_keeps_the_other_choices_automatic():
     cfg, chosen = _resolved(2, "trainer.num_gpus=0")
     assert (cfg.rollout.num_gpus, cfg.model.dtype, cfg.rollout.enforce_eager) == (1.0, "bfloat16", False)
     assert cfg.weight_sync.backend == "gloo" and "trainer.num_gpus" not in chosen
+    assert cfg.trainer.max_tokens_per_micro_batch == 2048  # the CPU trainer's budget
     # an engine forced onto the CPU of a GPU cluster gets the CPU engine's values
     cfg, _ = _resolved(2, "rollout.num_gpus=0")
     assert (cfg.model.dtype, cfg.rollout.enforce_eager, cfg.rollout.kv_cache_gib) == ("float32", True, 0.5)
