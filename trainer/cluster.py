@@ -92,8 +92,6 @@ def resolve(cfg, cluster_gpus: float) -> dict:
     gpu = cluster_gpus > 0
     pick(r, "rollout", "num_gpus", float(r.tensor_parallel_size) if gpu else 0.0)
     pick(t, "trainer", "num_gpus", 1.0 if gpu else 0.0)
-    pick(t, "trainer", "max_tokens_per_micro_batch",
-         GPU_TOKENS_PER_MICRO_BATCH if t.num_gpus > 0 else CPU_TOKENS_PER_MICRO_BATCH)
     pick(r, "rollout", "colocate", cluster_gpus == 1 and r.num_gpus > 0 and t.num_gpus > 0)
     engine_gpu = r.num_gpus > 0  # the engine's own placement decides its dtype, graphs and cache
     pick(cfg.model, "model", "dtype", "bfloat16" if engine_gpu else "float32")
@@ -105,6 +103,8 @@ def resolve(cfg, cluster_gpus: float) -> dict:
     if cfg.weight_sync.backend == "auto":
         cfg.weight_sync.backend = "ipc" if r.colocate else ("nccl" if r.num_gpus > 0 and t.num_gpus > 0 else "gloo")
         chosen["weight_sync.backend"] = cfg.weight_sync.backend
+    pick(t, "trainer", "max_tokens_per_micro_batch",
+         GPU_TOKENS_PER_MICRO_BATCH if t.num_gpus > 0 else CPU_TOKENS_PER_MICRO_BATCH)
     return chosen
 
 

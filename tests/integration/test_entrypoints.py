@@ -74,12 +74,12 @@ def test_local_instance_is_sized_to_the_actors(tmp_path, tiny_model_dir):
     assert f"local Ray instance with {2 * cores + 1} logical CPUs on {cores} cores" in log
     assert (f"Ray cluster: {2 * cores + 1} CPUs, 0 GPUs -> trainer and engines on CPU; weight sync gloo | automatic: "
             "rollout.num_gpus=0 trainer.num_gpus=0 rollout.colocate=false model.dtype=float32 rollout.enforce_eager=true "
-            "rollout.kv_cache_gib=0.5 weight_sync.backend=gloo") in log
+            "rollout.kv_cache_gib=0.5 weight_sync.backend=gloo trainer.max_tokens_per_micro_batch=2048") in log
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["model"]["dtype"] == "float32" and saved["weight_sync"]["backend"] == "gloo"
     assert {k: saved["rollout"][k] for k in ("num_gpus", "enforce_eager", "kv_cache_gib", "colocate")} == {
         "num_gpus": 0.0, "enforce_eager": True, "kv_cache_gib": 0.5, "colocate": False}
-    assert saved["trainer"]["num_gpus"] == 0.0
+    assert saved["trainer"]["num_gpus"] == 0.0 and saved["trainer"]["max_tokens_per_micro_batch"] == 2048
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
