@@ -136,8 +136,8 @@ class Fleet:
         """Pause admission -> publish -> version -> [checkpoint] -> resume admission.
 
         Returns interrupted requests, bytes, `seconds` (the weight transfer: the slowest engine's
-        receive, plus the trainer's fill when colocated) and `idle_s` (admission paused: what a user
-        feels)."""
+        receive, plus the trainer's fill when colocated), `idle_s` (admission paused: what a user
+        feels) and `checkpoint` (what the checkpoint callable returned; None without one)."""
         t0 = time.perf_counter()
         ray.get(self.service.pause.remote())
         held = self.cfg.weight_sync.verify  # engines wait for the verification before generating
@@ -157,8 +157,7 @@ class Fleet:
             out = self._recover(lost, version)
             held = True
         ray.get(self.service.set_version.remote(version))
-        if checkpoint is not None:  # admission is paused: the data cursor and counters are consistent
-            checkpoint()
+        saved = checkpoint() if checkpoint is not None else None  # admission is paused: the data cursor is consistent
         if held:
             try:
                 ray.get([w.end_publish.remote() for w in self.workers])
@@ -172,7 +171,7 @@ class Fleet:
         ray.get(self.service.resume.remote())
         if lost:
             ray.get([self.workers[i].run.remote() for i in lost])  # generation resumes under verified weights
-        return {**out, "idle_s": time.perf_counter() - t0}
+        return {**out, "idle_s": time.perf_counter() - t0, "checkpoint": saved}
 
     def publish_weights(self, version: int, verify: bool) -> dict:
         """One call per engine (pause, receive, version; resume unless `verify`) beside the trainer's.

@@ -209,10 +209,7 @@ class Run:
     def publish(self, version: int, save: bool = False) -> dict:
         """Version `version` to every engine (trainer/fleet.py); with `save`, a checkpoint written while
         admission is paused (`pub["checkpoint"]`; it counts once `commit_checkpoint` has run)."""
-        written = []
-        pub = self.fleet.publish(version, checkpoint=(lambda: written.append(self.save_checkpoint(version)))
-                                 if save else None)
-        pub["checkpoint"] = written[0] if written else None
+        pub = self.fleet.publish(version, checkpoint=(lambda: self.save_checkpoint(version)) if save else None)
         self.version = version
         return pub
 
