@@ -87,7 +87,7 @@ class RolloutConfig:
 class StalenessConfig:
     max_staleness: int = 4  # 0 = synchronous; higher = more overlap, more off-policy data
     max_running: Optional[int] = None  # cap on trajectories generating at once (all workers); unset = no cap
-    fixed_lag: Optional[int] = None  # experiments only: train every batch exactly k versions after its rollouts started (needs max_staleness >= k); unset = oldest first
+    fixed_lag: Optional[int] = None  # experiments only: train every batch exactly k versions after its rollouts started (needs max_staleness >= k; each step first waits for a full pipeline); unset = oldest first
 
 
 @dataclass

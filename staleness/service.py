@@ -72,15 +72,16 @@ class StalenessService:
         self.drop_zero_variance = drop_zero_variance  # algorithm.drop_zero_variance_groups (DAPO dynamic sampling)
         self._zero_variance_run = 0  # zero-variance groups dropped in a row
         # experimental control (staleness.fixed_lag): every batch is trained exactly k versions after its
-        # rollouts started (min(k, version) during the first k steps); with max_staleness = k an older group
-        # is dropped as stale, so the lag is exactly k
+        # rollouts started (min(k, version) during the first k steps); see `get_batch`
         self.fixed_lag = fixed_lag
+        self.fixed_lag_short = 0  # fixed lag: groups trained younger than k versions (a dropped group's refill)
         self.num_prompts = num_prompts
         self.seed = seed
         self.cursor = 0  # prompts drawn from the shuffled order so far, over all epochs
         self.next_seq = 0  # ticket number of the next admitted group (its id and sampling seed)
         self._outstanding: dict[int, int] = {}  # seq -> prompt index of groups admitted, not yet consumed/dropped
         self._running: dict[int, tuple[str, int]] = {}  # seq -> (worker incarnation, n) of groups still generating
+        self._started: dict[int, int] = {}  # seq -> policy version at admission, of the groups in _running
         self._lost: set[str] = set()  # incarnations of rollout workers that died
         self._requeued: list[int] = []  # prompts of groups un-admitted by a restore, handed out first
         self.requeued_total = 0
@@ -118,6 +119,7 @@ class StalenessService:
             prompt = self._requeued.pop(0) if self._requeued else self._next_prompt()
             self._outstanding[seq] = prompt
             self._running[seq] = (worker, n)
+            self._started[seq] = self.ctl.version
             return {"seq": seq, "prompt_index": prompt, "version": self.ctl.version}
 
     async def put(self, group: list[Trajectory]) -> None:
@@ -127,6 +129,7 @@ class StalenessService:
         async with cond:
             seq = int(group[0].group_id)
             running = self._running.pop(seq, None)
+            self._started.pop(seq, None)
             if running is None:
                 log.warning("group %s arrived after its worker was declared lost; it was counted as dropped "
                             "(worker_lost) and its prompt re-issued, so it is discarded", group[0].group_id)
@@ -153,6 +156,7 @@ class StalenessService:
         cond = self._condition()
         async with cond:
             running = self._running.pop(seq, None)
+            self._started.pop(seq, None)
             if running is None:
                 return  # already dropped as worker_lost
             self._outstanding.pop(seq, None)
@@ -170,6 +174,7 @@ class StalenessService:
             dropped = 0
             for seq in lost:
                 _, n = self._running.pop(seq)
+                self._started.pop(seq, None)
                 self._requeued.append(self._outstanding.pop(seq))
                 self.ctl.drop_running(n, "worker_lost")
                 dropped += n
@@ -179,9 +184,17 @@ class StalenessService:
     async def get_batch(self, n: int) -> list[Trajectory]:
         """The next n trajectories (whole groups, oldest first; see `_next_eligible`). A group whose lag would exceed
         staleness.max_staleness (possible only for a rollout slower than eta+1 whole steps)
-        is dropped with reason "stale" instead of being trained on."""
+        is dropped with reason "stale" instead of being trained on.
+
+        With staleness.fixed_lag = k, the batch waits first until the pipeline is full (accepted + running =
+        (i + eta + 1) B): only then has version i admitted its share, so that the batch of version i + k
+        finds B rollouts started at version i. Without the wait the driver moves on as soon as one batch
+        is ready, the versions advance faster than the rollouts are admitted, and version k finds nothing
+        k versions old (the stall this wait fixes)."""
         cond = self._condition()
         async with cond:
+            if self.fixed_lag is not None:
+                await cond.wait_for(lambda: self._stopped or self.ctl.accepted + self.ctl.running >= self.ctl.capacity())
             batch: list[Trajectory] = []
             while _trained(batch) < n:
                 await cond.wait_for(lambda: self._next_eligible() is not None or self._stopped)
@@ -195,6 +208,11 @@ class StalenessService:
                     log.warning("dropped stale group %s (started at version %d, now %d)",
                                 group[0].group_id, group[0].start_version, self.ctl.version)
                     continue
+                if self.fixed_lag is not None and group[0].start_version > self._newest_for_fixed_lag():
+                    self.fixed_lag_short += 1
+                    log.warning("staleness.fixed_lag=%d: group %s trained %d versions after it started, not %d (a "
+                                "dropped group's prompt slot was refilled later)", self.fixed_lag, group[0].group_id,
+                                self.ctl.version - group[0].start_version, min(self.fixed_lag, self.ctl.version))
                 batch.extend(group)
             batch_trained = [t for t in batch if not t.is_baseline]
             for traj in batch_trained:
@@ -206,13 +224,21 @@ class StalenessService:
             cond.notify_all()
             return batch
 
+    def _newest_for_fixed_lag(self) -> int:
+        return self.ctl.version - min(self.fixed_lag, self.ctl.version)
+
     def _next_eligible(self) -> int | None:
         """Buffer index of the next group to batch: the oldest one, or with staleness.fixed_lag = k the
-        oldest that started at least min(k, version) versions ago (newer ones wait their turn)."""
-        if self.fixed_lag is None:
+        oldest that started at least min(k, version) versions ago (newer ones wait their turn). If none
+        did and none that did is still generating (a dropped group left a hole that was refilled at a
+        later version), the oldest group: a batch one group short of the lag rather than a stall."""
+        if self.fixed_lag is None or not self._buffer:
             return 0 if self._buffer else None
-        newest = self.ctl.version - min(self.fixed_lag, self.ctl.version)
-        return next((i for i, g in enumerate(self._buffer) if g[0].start_version <= newest), None)
+        newest = self._newest_for_fixed_lag()
+        ready = next((i for i, g in enumerate(self._buffer) if g[0].start_version <= newest), None)
+        if ready is not None or any(v <= newest for v in self._started.values()):
+            return ready
+        return min(range(len(self._buffer)), key=lambda i: self._buffer[i][0].start_version)
 
     async def pause(self) -> None:
         self.ctl.paused = True
@@ -247,6 +273,8 @@ class StalenessService:
         acc = self.ctl.accounting()
         acc["prompts_handed_out"] = self.cursor
         acc["requeued_on_resume"] = self.requeued_total
+        if self.fixed_lag is not None:
+            acc["fixed_lag_short_groups"] = self.fixed_lag_short
         if self.episodes:
             acc["episodes"] = dict(self.episodes)
         return acc
@@ -270,6 +298,7 @@ class StalenessService:
         self.episodes = dict(snap.get("episodes", {}))  # absent in checkpoints written before episodes existed
         self._outstanding = {}
         self._running = {}
+        self._started = {}
         self._buffer = []
         self._halted = False
         # tickets from next_seq on are issued again: what they produced before the rollback is forgotten

@@ -1,7 +1,7 @@
 """Policy losses and the per-token quantities they are built from (DESIGN.md section 3).
 
     policy_loss(logp, logp_prox, logp_behav, advantages, mask, *, ...) -> (loss, sums)
-    aggregate(per_token_loss, mask, mode, denominator) -> scalar
+    aggregate(per_token_loss, mask, mode, denominator, seq_index=None) -> scalar
     kl_penalty(logp, logp_ref, estimator) -> (B, T)
     token_logprobs(logits, targets, temperature=1.0) -> (B, T)
     entropy_from_logits(logits) -> (B, T)
@@ -23,20 +23,27 @@ from torch import Tensor
 AGG_MODES = ("token-mean", "seq-mean-token-mean")
 CAP_MODES = ("clamp", "mask")
 KL_ESTIMATORS = ("k1", "k3")
+K3_LOG_RATIO_BOUND = 20.0  # |logp_ref - logp| beyond this is clamped before exp (kl_penalty)
+K3_MAX = 10.0  # the k3 penalty of one token is at most this (kl_penalty)
 
 # rows of (B*T, V) logits processed at once by token_logprobs / entropy_from_logits:
 # bounds the float32 temporaries to _CHUNK_ROWS * V elements instead of B * T * V
 _CHUNK_ROWS = 1024
 
 
-def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, denominator: float) -> Tensor:
+def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, denominator: float,
+              seq_index: Optional[Tensor] = None) -> Tensor:
     """Reduce a (B, T) per-token loss to a scalar that sums correctly across micro-batches.
 
     - "token-mean": sum_{b,t} L[b,t] * mask[b,t] / denominator, where denominator is the
       number of valid tokens in the global batch.
-    - "seq-mean-token-mean": sum_b (sum_t L[b,t] * mask[b,t] / sum_t mask[b,t]) / denominator,
+    - "seq-mean-token-mean": sum_s (sum_{t in s} L[t] * mask[t] / sum_{t in s} mask[t]) / denominator,
       where denominator is the number of sequences in the global batch. A sequence with no
       valid token contributes 0.
+
+    Sequences are the rows of the (B, T) tensors, or, when `seq_index` (same shape, int64) is given,
+    the groups of positions sharing an index: a packed micro-batch holds several sequences in one row,
+    and taking the row for one sequence would average over all of them at once.
 
     Summing the result over every micro-batch (and data-parallel rank) gives the global mean.
     """
@@ -49,9 +56,16 @@ def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str, denominator: floa
     masked = torch.where(valid, per_token_loss, torch.zeros_like(per_token_loss))  # (B, T)
     if mode == "token-mean":
         return masked.sum() / denominator
-    seq_len = mask.sum(dim=-1).clamp(min=1)  # (B,)
-    seq_mean = masked.sum(dim=-1) / seq_len  # (B,)
-    return seq_mean.sum() / denominator
+    if seq_index is None:
+        seq_len = valid.sum(dim=-1).clamp(min=1)  # (B,)
+        seq_sum = masked.sum(dim=-1)  # (B,)
+    else:
+        index = seq_index.reshape(-1)  # (B*T,) values < B*T: as many slots as positions, unused ones stay 0/1 = 0
+        n = index.numel()  # no host sync for the count of sequences
+        seq_len = torch.zeros(n, dtype=masked.dtype, device=masked.device).index_add_(
+            0, index, valid.reshape(-1).to(masked.dtype)).clamp(min=1)  # (S,)
+        seq_sum = torch.zeros(n, dtype=masked.dtype, device=masked.device).index_add_(0, index, masked.reshape(-1))  # (S,)
+    return (seq_sum / seq_len).sum() / denominator
 
 
 def policy_loss(
@@ -67,6 +81,7 @@ def policy_loss(
     cap_mode: str,
     loss_denominator: float,
     agg_mode: str = "token-mean",
+    seq_index: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Decoupled PPO clipped objective, AReaL (arXiv 2505.24298) eq. 5 = Hilton et al.
     (arXiv 2110.00641) L^CLIP_dec:
@@ -81,7 +96,7 @@ def policy_loss(
     behav_weight_cap: None = no cap. cap_mode "clamp": w = min(w, cap) (Hilton's cap of 100);
     "mask": tokens with w > cap get weight 0 (AReaL masks w > 5).
 
-    Returns the loss aggregated with `aggregate(L, mask, agg_mode, loss_denominator)` and
+    Returns the loss aggregated with `aggregate(L, mask, agg_mode, loss_denominator, seq_index)` and
     detached sums over the valid tokens of this micro-batch, to be added up over the step:
       clipped:   tokens where the clipped term is selected and differs from the unclipped one
       approx_kl: k3 estimate of KL(pi_prox || pi_theta), (u - 1) - log u per token
@@ -118,7 +133,7 @@ def policy_loss(
     pg_loss2 = -advantages * torch.clamp(u, 1.0 - eps_low, 1.0 + eps_high)  # (B, T)
     pg_loss = w * torch.maximum(pg_loss1, pg_loss2)  # (B, T) = -w * min(u A, clip(u) A)
 
-    loss = aggregate(pg_loss, mask, agg_mode, loss_denominator)
+    loss = aggregate(pg_loss, mask, agg_mode, loss_denominator, seq_index)
 
     with torch.no_grad():
         # float32 sums: bf16 cannot count past 256 exactly
@@ -138,13 +153,19 @@ def kl_penalty(logp: Tensor, logp_ref: Tensor, estimator: str) -> Tensor:
     (Schulman, "Approximating KL divergence", 2020, http://joschu.net/blog/kl-approx.html):
 
         k1 = logp - logp_ref                                  unbiased, high variance, can be < 0
-        k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1     unbiased, low variance, >= 0
+        k3 = exp(r) - r - 1,  r = logp_ref - logp             unbiased, low variance, >= 0
+
+    k3 grows like exp(r): a token the policy made far less likely than the reference would give a
+    penalty and a gradient of e^r (e^30 = 1e13 at r = 30) and take over the update. So r is clamped to
+    [-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND] (exp stays finite in bf16 and float32) and the penalty to
+    at most K3_MAX (verl's bounds, 20 and 10): a token past the bound contributes K3_MAX and no gradient,
+    and the gradient of any token is at most about 12.5 in size (where k3 reaches 10, r = 2.53).
     """
     if estimator == "k1":
         return logp - logp_ref
     if estimator == "k3":
-        log_ratio = logp_ref - logp  # (B, T) log(pi_ref / pi_theta)
-        return torch.expm1(log_ratio) - log_ratio
+        log_ratio = (logp_ref - logp).clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)  # (B, T) log(pi_ref / pi_theta)
+        return (torch.expm1(log_ratio) - log_ratio).clamp(max=K3_MAX)
     raise ValueError(f"kl_estimator={estimator!r} is not one of {KL_ESTIMATORS}")
 
 

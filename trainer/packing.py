@@ -79,6 +79,7 @@ class PackedBatch:
     behav: torch.Tensor  # (1, R) behaviour log-probs
     mask: torch.Tensor  # (1, R) loss mask: 1 on model-written tokens
     advantages: torch.Tensor  # (1, R) each token's sequence advantage
+    seq_index: torch.Tensor  # (1, R) which sequence of the row each response token belongs to (0, 1, ...)
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +103,7 @@ def pack(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device
     behav: list[float] = []
     mask: list[float] = []
     adv: list[float] = []
+    seq: list[int] = []
     for t, a in zip(trajs, advantages.tolist()):
         start, p, n = len(ids), len(t.prompt_ids), len(t.response_ids)
         ids += t.prompt_ids + t.response_ids
@@ -112,6 +114,7 @@ def pack(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device
         behav += t.logp_behav
         mask += t.loss_weights()
         adv += [a] * n
+        seq += [seq[-1] + 1 if seq else 0] * n  # numbered among sequences with response tokens: ids < R
     lens = [b - a for a, b in zip(bounds, bounds[1:])]
 
     def put(values, dtype):
@@ -122,6 +125,7 @@ def pack(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device
         cu_seqlens=put(bounds, torch.int32), bounds=bounds, max_len=max(lens),
         predict_at=put(predict_at, torch.long), targets=put(targets, torch.long),
         behav=put([behav], torch.float32), mask=put([mask], torch.float32), advantages=put([adv], torch.float32),
+        seq_index=put([seq], torch.long),
     )
 
 
@@ -138,6 +142,7 @@ class PaddedBatch:
     behav: torch.Tensor  # (B, T)
     mask: torch.Tensor  # (B, T) 1 on trained response tokens, 0 on padding
     advantages: torch.Tensor  # (B, T)
+    seq_index = None  # one sequence per row
 
 
 def pad(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device) -> PaddedBatch:

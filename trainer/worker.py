@@ -253,7 +253,7 @@ class TrainerWorker:
     def _proximal_logprobs(self, tensors: list[dict]) -> list[torch.Tensor]:
         alg = self.cfg.algorithm
         if alg.loss == "ppo":
-            return [tb["behav"] for tb in tensors]  # coupled PPO: pi_prox = pi_behav
+            return [tb.behav for tb in tensors]  # coupled PPO: pi_prox = pi_behav
         with self._dropout_off():
             if self.ewma is None:
                 return [self._logprobs(tb, False)[0] for tb in tensors]  # recompute: weights at the step's start
@@ -427,11 +427,13 @@ class TrainerWorker:
                 logp, logp_prox, batch.behav, batch.advantages, mask,
                 eps_low=alg.eps_low, eps_high=alg.eps_high, behav_weight_cap=alg.behav_weight_cap,
                 cap_mode=alg.behav_weight_cap_mode, loss_denominator=denominator, agg_mode=alg.agg_mode,
+                seq_index=batch.seq_index,
             )
             kl = torch.zeros((), device=self.device)
             if alg.kl_coef > 0:
                 logp_ref = self._reference_logprobs(batch)
-                kl = aggregate(kl_penalty(logp, logp_ref, alg.kl_estimator), mask, alg.agg_mode, denominator)
+                kl = aggregate(kl_penalty(logp, logp_ref, alg.kl_estimator), mask, alg.agg_mode, denominator,
+                               batch.seq_index)
                 loss = loss + alg.kl_coef * kl
             if self.steps + 1 in cfg.trainer.inject_nan_steps:  # fault-injection test hook, off by default
                 loss = loss * float("nan")

@@ -127,6 +127,64 @@ def test_fixed_lag_trains_each_batch_exactly_k_versions_after_it_started():
     asyncio.run(scenario())
 
 
+async def _generate(svc, seconds_per_group, stop):
+    """A rollout worker with one slot: admit a group, take `seconds_per_group` to finish it, repeat."""
+    while not stop.is_set():
+        ticket = await svc.acquire(2, "w0")
+        if ticket is None:
+            return
+        await asyncio.sleep(seconds_per_group)
+        await svc.put(_group(ticket, 2))
+
+
+def test_fixed_lag_holds_when_the_trainer_is_faster_than_admission():
+    # The driver asks for a batch as soon as one is ready, while the worker is still admitting version
+    # 0's share of the pipeline ((k + 1) B = 6 rollouts). Before the fix the versions ran ahead of the
+    # admissions: at version 2 nothing started at version 0 was left and get_batch waited forever.
+    async def scenario():
+        svc = StalenessService(batch_size=2, max_staleness=2, max_running=None, num_prompts=50, seed=0, fixed_lag=2)
+        stop = asyncio.Event()
+        worker = asyncio.ensure_future(_generate(svc, 0.01, stop))
+        lags = []
+        for version in range(6):
+            batch = await asyncio.wait_for(svc.get_batch(2), timeout=10)
+            lags.append(version - batch[0].start_version)
+            await svc.pause()
+            await svc.set_version(version + 1)
+            await svc.resume()
+        stop.set()
+        await svc.stop()
+        await worker
+        assert lags == [0, 1, 2, 2, 2, 2]
+        acc = await svc.accounting()
+        assert acc["fixed_lag_short_groups"] == 0 and acc["identity_holds"]
+
+    asyncio.run(scenario())
+
+
+def test_fixed_lag_trains_a_younger_group_rather_than_stall_when_a_drop_left_a_hole():
+    # k = 1, B = 2 (one group of two), eta = 1: version 0 admits a and b. a is trained at version 0; b
+    # fails after the publish of version 1, so its slot is refilled at version 1 (c, d). Version 1 wants a
+    # group started at version 0 and none is left or still generating: it trains the oldest one instead
+    # (c, lag 0), counted, rather than waiting forever.
+    async def scenario():
+        svc = StalenessService(batch_size=2, max_staleness=1, max_running=None, num_prompts=50, seed=0, fixed_lag=1)
+        a, b = await svc.acquire(2, "w0"), await svc.acquire(2, "w0")
+        await svc.put(_group(a, 2))
+        assert (await svc.get_batch(2))[0].group_id == str(a["seq"])
+        await svc.set_version(1)
+        await svc.drop(b["seq"], "error")
+        c, d = await svc.acquire(2, "w0"), await svc.acquire(2, "w0")  # (1 + 1 + 1) * 2 = 6: two groups more
+        await svc.put(_group(c, 2))
+        await svc.put(_group(d, 2))
+        batch = await asyncio.wait_for(svc.get_batch(2), timeout=5)
+        assert batch[0].group_id == str(c["seq"]) and batch[0].start_version == 1
+        acc = await svc.accounting()
+        assert acc["fixed_lag_short_groups"] == 1 and acc["identity_holds"]
+
+    asyncio.run(scenario())
+
+
 def test_a_live_service_rolls_back_to_its_checkpoint_for_a_restarted_trainer():
     """In-run trainer recovery: halt ends the waiting admissions, restore in the same (live) service
     forgets what was admitted, buffered and consumed after the snapshot, and the re-issued tickets'

@@ -236,6 +236,45 @@ def test_kl_estimators_hand_values():
         kl_penalty(logp, logp_ref, "k2")
 
 
+def test_seq_mean_token_mean_of_a_packed_row_is_the_mean_over_its_sequences():
+    # three sequences of 1, 3 and 2 response tokens packed in one row (the third has one masked token):
+    # (4 / 1 + (1 + 2 + 3) / 3 + 6 / 1) / 3 sequences = (4 + 2 + 6) / 3 = 4. The row read as one
+    # sequence would give (4 + 1 + 2 + 3 + 6) / 5 / 3 = 1.066667.
+    loss = torch.tensor([[4.0, 1.0, 2.0, 3.0, 6.0, 100.0]])  # (1, R)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    seq = torch.tensor([[0, 1, 1, 1, 2, 2]])
+    assert aggregate(loss, mask, "seq-mean-token-mean", 3.0, seq).item() == pytest.approx(4.0)
+    # the padded layout of the same sequences, one per row, gives the same
+    padded = torch.tensor([[4.0, 0, 0], [1.0, 2.0, 3.0], [6.0, 100.0, 0]])
+    pmask = torch.tensor([[1.0, 0, 0], [1.0, 1.0, 1.0], [1.0, 0, 0]])
+    assert aggregate(padded, pmask, "seq-mean-token-mean", 3.0).item() == pytest.approx(4.0)
+    assert aggregate(loss, mask, "token-mean", 5.0, seq).item() == pytest.approx(16.0 / 5)  # seq_index not needed
+
+
+def test_k3_is_bounded_at_extreme_gaps_and_unchanged_near_the_reference():
+    # r = logp_ref - logp. Near 0 the clamps do nothing: r = 1 -> e - 1 - 1 = 0.718282; r = -3 -> e^-3 + 3 - 1
+    # = 2.049787. Far away: r = 30 would be e^30 = 1.07e13 (and its gradient as large); r = 1000 overflows
+    # to inf in float32. Both give the bound 10 and no gradient; r = -30 (the policy far MORE likely than
+    # the reference) is linear, -r - 1 = 29, also bounded to 10.
+    logp_ref = torch.zeros(1, 6)
+    logp = torch.tensor([[-1.0, 3.0, -30.0, -1000.0, 30.0, -2.0]], requires_grad=True)
+    kl = kl_penalty(logp, logp_ref, "k3")
+    expected = torch.tensor([[math.e - 2.0, math.exp(-3.0) + 2.0, 10.0, 10.0, 10.0, math.exp(2.0) - 3.0]])
+    torch.testing.assert_close(kl.detach(), expected)
+    kl.sum().backward()
+    # d/dlogp (e^r - r - 1) = 1 - e^r where unclamped: 1 - e = -1.718282, 1 - e^-3 = 0.950213, 1 - e^2
+    grad = logp.grad[0]
+    torch.testing.assert_close(grad[[0, 1, 5]], torch.tensor([1 - math.e, 1 - math.exp(-3.0), 1 - math.exp(2.0)]))
+    assert grad[2:5].tolist() == [0.0, 0.0, 0.0]
+    # bf16 too: finite everywhere (e^20 fits bf16's range)
+    assert torch.isfinite(kl_penalty(logp.detach().bfloat16(), logp_ref.bfloat16(), "k3")).all()
+    # the largest gradient any token can get is where k3 reaches the bound: r ~ 2.53, |1 - e^r| < 12.6
+    r = torch.linspace(-40, 40, 8001, dtype=torch.float64)
+    lp = (-r).requires_grad_(True)
+    kl_penalty(lp, torch.zeros_like(lp), "k3").sum().backward()
+    assert lp.grad.abs().max() < 12.6
+
+
 def test_token_logprobs_hand_values_and_temperature():
     logits = torch.tensor([[[0.0, math.log(2.0), 0.0]]])  # (1, 1, 3): softmax = [0.25, 0.5, 0.25]
     target = torch.tensor([[1]])
