@@ -150,7 +150,7 @@ def _make_mounts_private(warnings: list[str]) -> bool:
 
 def _private_root(spec: dict, uid: int, gid: int, code: bytes, warnings: list[str]) -> str | None:
     """Make a fresh tmpfs the root: `spec["root"]` (the interpreter, its standard library, the shared
-    libraries they load, a few devices; see rewards.sandbox._root_plan) bound read-only at their own
+    libraries they load, a few devices; see rewards.sandbox_root.root_plan) bound read-only at their own
     paths, plus the private /tmp. The host's root is detached from this mount namespace. Returns
     the working directory, or None (with a warning) where the kernel refused a step."""
     plan = spec["root"]

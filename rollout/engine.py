@@ -3,13 +3,16 @@
 An engine generates one response segment at a time. A segment ends when the model
 stops, hits the length limit, or is aborted by `abort_all()` at a weight publish;
 the rollout worker then continues an aborted response from the tokens it already has
-(interruptible generation, DESIGN.md section 6).
+(interruptible generation, docs/design.md section 6).
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+
+from weight_sync.messages import GroupAddress
+from weight_sync.plan import Region, SyncPlan
 
 
 @dataclass(frozen=True)
@@ -41,19 +44,17 @@ class Engine(abc.ABC):
         """Abort every in-flight request; returns how many were aborted."""
 
     @abc.abstractmethod
-    async def weight_sync_regions(self) -> list:
-        """The engine's regions of the weight-sync plan (plain lists, `weight_sync.region_to_plain`): for
-        each parameter it serves, in its own names and layout, which trainer tensors fill it."""
+    async def weight_sync_regions(self) -> list[Region]:
+        """The engine's regions of the weight-sync plan (weight_sync/plan.py): for each parameter it
+        serves, in its own names and layout, which trainer tensors fill it."""
 
     @abc.abstractmethod
-    async def init_weight_sync(
-        self, plan: dict, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
-    ) -> None:
-        """Set up the receive side of `plan` (`SyncPlan.to_plain()`) and join the weight-sync process
-        group (trainer rank 0 is the broadcast root)."""
+    async def init_weight_sync(self, plan: SyncPlan, address: GroupAddress, rank: int) -> None:
+        """Set up the receive side of `plan` and join the weight-sync process group at `address` as
+        `rank` (trainer rank 0 is the broadcast root)."""
 
     @abc.abstractmethod
-    async def init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
+    async def init_weight_sync_ipc(self, plan: SyncPlan, handle: bytes) -> None:
         """Colocated on one GPU: set up `plan` and open the trainer's flat buffer (CUDA IPC handle) once."""
 
     @abc.abstractmethod
@@ -63,7 +64,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def weights_fingerprint(self) -> str:
-        """Layout-independent fingerprint of the weights the engine serves (see weight_sync)."""
+        """Layout-independent fingerprint of the weights the engine serves (weight_sync.receive.fingerprint)."""
 
     def dead(self) -> str | None:
         """Why the engine can serve no more (e.g. its engine process died), or None while it can.

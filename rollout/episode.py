@@ -3,7 +3,7 @@
     runner = EpisodeRunner(cfg, tokenizer, task, stats)         # when the config names an `env`
     out = await runner.run(request_id, row, spec, worker._sample)
 
-One episode (DESIGN.md section 6c): the environment (rewards/env.py, built from the config's
+One episode (docs/design.md section 6c): the environment (rewards/env.py, built from the config's
 `env` node by Hydra `_target_`) gives the prompt (`reset(row)`); then, up to
 `rollout.max_turns` times, the engine generates a turn (at most `rollout.max_new_tokens`
 tokens), the environment answers it (`step(text) -> observation, reward, done`), and the

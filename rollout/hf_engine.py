@@ -15,7 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from rollout.engine import Engine, SamplingSpec, Segment
-from rollout.weight_sync import Receiver, SyncPlan, fingerprint, make_group, open_ipc, region_to_plain, warm_up, whole_tensor_regions
+from weight_sync.messages import GroupAddress
+from weight_sync.plan import Region, SyncPlan, whole_tensor_regions
+from weight_sync.receive import Receiver, fingerprint
+from weight_sync.transport import make_group, open_ipc, warm_up
 
 
 class _AbortFlag(StoppingCriteria):
@@ -92,23 +95,23 @@ class HFEngine(Engine):
             flag.event.set()
         return len(flags)
 
-    async def weight_sync_regions(self) -> list:
+    async def weight_sync_regions(self) -> list[Region]:
         # the trainer's own model class: every tensor as it is, under the same name
-        return [region_to_plain(r) for r in whole_tensor_regions(self.model.named_parameters())]
+        return whole_tensor_regions(self.model.named_parameters())
 
-    def _receiver(self, plan: dict, device: torch.device) -> Receiver:
-        return Receiver(SyncPlan.from_plain(plan), 0, device, dict(self.model.named_parameters()))
+    def _receiver(self, plan: SyncPlan, device: torch.device) -> Receiver:
+        return Receiver(plan, 0, device, dict(self.model.named_parameters()))
 
-    def _join_blocking(self, plan, host, port, rank, world_size, backend, timeout_s) -> None:
-        device = self.device if backend == "nccl" else torch.device("cpu")
+    def _join_blocking(self, plan: SyncPlan, address: GroupAddress, rank: int) -> None:
+        device = self.device if address.backend == "nccl" else torch.device("cpu")
         self._recv = self._receiver(plan, device)
-        self._group = make_group(backend, host, port, rank, world_size, timeout_s)
+        self._group = make_group(address, rank)
         warm_up(self._group, device)
 
-    async def init_weight_sync(self, plan, host, port, rank, world_size, backend, timeout_s) -> None:
-        await asyncio.to_thread(self._join_blocking, plan, host, port, rank, world_size, backend, timeout_s)
+    async def init_weight_sync(self, plan: SyncPlan, address: GroupAddress, rank: int) -> None:
+        await asyncio.to_thread(self._join_blocking, plan, address, rank)
 
-    async def init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
+    async def init_weight_sync_ipc(self, plan: SyncPlan, handle: bytes) -> None:
         self._recv = self._receiver(plan, self.device)
         self._recv.attach_ipc(open_ipc(handle))
         self._group = None

@@ -2,7 +2,7 @@
 
 One `VLLMEngine` owns one AsyncLLM, i.e. an engine-core process plus one worker process
 per tensor-parallel rank (vLLM starts them; `close()` stops them). Weight sync runs inside
-those workers through `rollout.vllm_ext.WeightSyncExtension`, reached with
+those workers through `weight_sync.vllm_ext.WeightSyncExtension`, reached with
 `collective_rpc`.
 
 Log-probs: the engine runs with `logprobs_mode="processed_logprobs"`. In vLLM's sampler
@@ -53,7 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rollout.engine import Engine, SamplingSpec, Segment
-from rollout.weight_sync import merge_tp_regions, region_to_plain
+from weight_sync.messages import GroupAddress, address_to_rpc, plan_to_rpc, regions_from_rpc
+from weight_sync.plan import Region, SyncPlan, merge_tp_regions
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ _VLLM_ENV = {
 def _prepare_environment() -> None:
     for key, value in _VLLM_ENV.items():
         os.environ.setdefault(key, value)
-    # vLLM's worker processes import the extension by name ("rollout.vllm_ext..."); a Ray
+    # vLLM's worker processes import the extension by name ("weight_sync.vllm_ext..."); a Ray
     # actor's cwd is not the repo, so make the package importable in spawned children.
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if _REPO_ROOT not in paths:
@@ -170,7 +171,7 @@ class VLLMEngine(Engine):
             enforce_eager=self.enforce_eager,
             seed=self.seed,
             logprobs_mode="processed_logprobs",
-            worker_extension_cls="rollout.vllm_ext.WeightSyncExtension",
+            worker_extension_cls="weight_sync.vllm_ext.WeightSyncExtension",
             disable_log_stats=True,
         )
         if self.kv_cache_gib is not None:
@@ -329,30 +330,27 @@ class VLLMEngine(Engine):
                 entry.watchdog_fired = True
                 entry.task.cancel()
 
-    # ---- weight sync -----------------------------------------------------------------
+    # ---- weight sync (weight_sync.messages: plain values across vLLM's RPC, typed elsewhere) ----
     async def _rpc(self, method: str, *args, timeout: float | None = None):
         llm = self._require_started()
         return await llm.collective_rpc(method, timeout=timeout, args=args)
 
-    async def weight_sync_regions(self) -> list:
+    async def weight_sync_regions(self) -> list[Region]:
         """This engine's regions of the weight-sync plan: its workers' shards, parameter by parameter."""
-        per_rank = await self._rpc("tether_sync_regions")
-        return [region_to_plain(r) for r in merge_tp_regions(per_rank)]
+        return merge_tp_regions([regions_from_rpc(r) for r in await self._rpc("tether_sync_regions")])
 
-    async def init_weight_sync(
-        self, plan: dict, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
-    ) -> None:
+    async def init_weight_sync(self, plan: SyncPlan, address: GroupAddress, rank: int) -> None:
         """Worker tp_rank joins as `rank + tp_rank`: the caller reserves tp ranks per engine."""
-        if rank + self.tensor_parallel_size > world_size:
+        if rank + self.tensor_parallel_size > address.world_size:
             raise ValueError(f"ranks {rank}..{rank + self.tensor_parallel_size - 1} of this engine's "
-                             f"{self.tensor_parallel_size} workers do not fit world_size={world_size}")
+                             f"{self.tensor_parallel_size} workers do not fit world_size={address.world_size}")
         # the RPC blocks until the whole group formed: give it the group's own timeout plus slack
-        ranks = await self._rpc("tether_init_weight_sync", plan, host, port, rank, world_size, backend, timeout_s,
-                                timeout=timeout_s + 30)
-        log.info("vLLM engine joined weight sync as ranks %s of %d", ranks, world_size)
+        ranks = await self._rpc("tether_init_weight_sync", plan_to_rpc(plan), address_to_rpc(address), rank,
+                                timeout=address.timeout_s + 30)
+        log.info("vLLM engine joined weight sync as ranks %s of %d", ranks, address.world_size)
 
-    async def init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
-        await self._rpc("tether_init_weight_sync_ipc", plan, handle)
+    async def init_weight_sync_ipc(self, plan: SyncPlan, handle: bytes) -> None:
+        await self._rpc("tether_init_weight_sync_ipc", plan_to_rpc(plan), handle)
 
     async def receive_weights(self) -> None:
         """One publish into the served weights, then drop the KV prefix cache.

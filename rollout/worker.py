@@ -2,7 +2,7 @@
 
 Before each prompt group it asks the staleness service for admission (which also hands
 out the next prompt of the data cursor). Every token is tagged with the policy version
-the engine held when it was sampled. A publish (DESIGN.md section 6) is one call, `publish`:
+the engine held when it was sampled. A publish (docs/design.md section 6) is one call, `publish`:
 no new segments, in-flight ones aborted (or waited for when
 `rollout.interrupt_on_publish=false`), the weights received, the version set, and (unless the
 driver verifies first and calls `end_publish` itself) generation resumed; aborted responses
@@ -29,6 +29,8 @@ from rollout.engine import Engine, SamplingSpec
 from rollout.episode import EnvironmentFailure, EpisodeRunner, engine_sampler, gather_group
 from rollout.forced_length import forced_length_of
 from rollout.trajectory import Trajectory
+from weight_sync.messages import GroupAddress, PublishReport
+from weight_sync.plan import Region, SyncPlan
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +101,16 @@ class RolloutWorker:
             await self.engine.start()
 
     # ---- weight sync -------------------------------------------------------------------
-    async def weight_sync_regions(self) -> list:
+    async def weight_sync_regions(self) -> list[Region]:
         return await self.engine.weight_sync_regions()
 
-    async def init_weight_sync(self, plan: dict, host: str, port: int, rank: int, world_size: int, backend: str,
-                               timeout_s: float) -> None:
-        await self.engine.init_weight_sync(plan, host, port, rank, world_size, backend, timeout_s)
+    async def init_weight_sync(self, plan: SyncPlan, address: GroupAddress, rank: int) -> None:
+        await self.engine.init_weight_sync(plan, address, rank)
 
-    async def init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
+    async def init_weight_sync_ipc(self, plan: SyncPlan, handle: bytes) -> None:
         await self.engine.init_weight_sync_ipc(plan, handle)
 
-    async def publish(self, version: int, resume: bool = True) -> dict:
+    async def publish(self, version: int, resume: bool = True) -> PublishReport:
         """Pause generation, receive version `version` (a collective with the trainer), and resume
         unless `resume=False` (the driver then calls `end_publish`, e.g. after verifying the weights).
         Returns the requests interrupted and the seconds of the pause and of the weight transfer."""
@@ -120,7 +121,7 @@ class RolloutWorker:
         self.version = version
         if resume:
             self._weights_ready.set()
-        return {"interrupted": interrupted, "pause_s": t1 - t0, "receive_s": time.perf_counter() - t1}
+        return PublishReport(interrupted, pause_s=t1 - t0, receive_s=time.perf_counter() - t1)
 
     async def begin_publish(self) -> int:
         """Stop starting segments; abort (or wait for) in-flight ones. Returns how many were interrupted."""
@@ -305,26 +306,6 @@ class RolloutWorker:
 
     async def get_stats(self) -> dict:
         return dict(self.stats)
-
-    # ---- standalone throughput (scripts/bench.py) -------------------------------------
-    async def generate_standalone(self, tickets: list[dict], concurrency: int | None = None) -> dict:
-        """Generate and score the groups of `tickets` alone: no staleness service, no trainer, no publish,
-        `concurrency` groups at once (default rollout.max_concurrent_groups). The upper bound on what this
-        worker can feed the trainer. Returns token counts (prompt + response, as the trainer counts
-        consumed tokens) and the wall time."""
-        queue = list(reversed(tickets))
-        trajs: list[Trajectory] = []
-
-        async def loop() -> None:
-            while queue:
-                trajs.extend(await self._rollout_group(queue.pop()))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(concurrency or self.cfg.rollout.max_concurrent_groups)))
-        seconds = time.perf_counter() - t0
-        trained = [t for t in trajs if not t.is_baseline]
-        return {"trajectories": len(trained), "tokens": sum(t.num_tokens for t in trained),
-                "response_tokens": sum(len(t.response_ids) for t in trained), "seconds": seconds}
 
     # ---- evaluation --------------------------------------------------------------------
     async def evaluate(self, indices: list[int], max_new_tokens: int) -> list[dict]:

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# the repo's packages, and the bench-only modules beside this file (benchlib, bench_trl): scripts/ is no package
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 log = logging.getLogger("bench")
 
@@ -44,7 +45,7 @@ def _model_bytes(model_dir: str, dtype: str) -> tuple[int, int]:
 
 def transfer(args) -> dict:
     """The colocated physical limit: one device-to-device copy of the weights' bytes (median of runs)."""
-    from rollout.weight_sync import TransferProbe
+    from benchlib import TransferProbe
 
     params, nbytes = _model_bytes(args.model_dir, args.dtype)
     probe = TransferProbe(args.device)
@@ -117,7 +118,7 @@ def _prompt_order(cfg, num_prompts: int, n: int) -> list[int]:
 
 
 def _tether(cfg) -> dict:
-    """One training run (trainer.loop.run); effective throughput as DESIGN.md section 7 defines it:
+    """One training run (trainer.loop.run); effective throughput as docs/design.md section 7 defines it:
     tokens of the trajectories trained on / wall time of training."""
     from trainer.loop import run
 
@@ -153,15 +154,15 @@ def _standalone_generation(cfg, model_dir: str, layout: dict, num_prompts: int) 
     waves of groups, so the long tail of the last wave does not dominate the rate."""
     import ray
 
-    from rollout.worker import RolloutWorker
+    from benchlib import BenchRolloutWorker
 
     r = cfg.rollout
     concurrency = _pipeline_concurrency(cfg)
     groups = max(_num_groups(cfg), 4 * concurrency * r.num_workers)
     order = _prompt_order(cfg, num_prompts, groups)
     tickets = [{"seq": seq, "prompt_index": p, "version": 0} for seq, p in enumerate(order)]
-    workers = [ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=layout["rollout_gpus"],
-                                                 max_concurrency=10_000).remote(i, cfg, model_dir, None)
+    workers = [ray.remote(BenchRolloutWorker).options(num_cpus=r.num_cpus, num_gpus=layout["rollout_gpus"],
+                                                      max_concurrency=10_000).remote(i, cfg, model_dir, None)
                for i in range(r.num_workers)]
     try:
         ray.get([w.start.remote() for w in workers])  # engines up, not timed
@@ -212,14 +213,14 @@ def _standalone_trainer(cfg, model_dir: str, layout: dict, steps: int) -> dict:
 
     from trainer.worker import TrainerWorker
 
-    from trainer.loop import start_trainer_group
+    from trainer.fleet import start_trainer_group
 
     batch = _synthetic_batch(cfg, model_dir)
     trainer = ray.remote(TrainerWorker).options(num_cpus=cfg.trainer.num_cpus,
                                                 num_gpus=layout["trainer_gpus"]).remote(cfg, model_dir)
     times = []
     try:
-        start_trainer_group([trainer], layout["trainer_gpus"] > 0)
+        start_trainer_group([trainer], layout["trainer_gpus"] > 0, cfg.weight_sync.timeout_s)
         ray.get(trainer.train_step.remote(batch))
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -243,7 +244,8 @@ def _bare_transfer(cfg, layout: dict, nbytes: int, repeats: int) -> dict:
     (colocated, CUDA IPC)."""
     import ray
 
-    from rollout.weight_sync import TransferProbe
+    from benchlib import TransferProbe
+    from weight_sync.messages import GroupAddress
 
     probe = ray.remote(TransferProbe)
     backend, r = layout["backend"], cfg.rollout
@@ -258,8 +260,8 @@ def _bare_transfer(cfg, layout: dict, nbytes: int, repeats: int) -> dict:
                                      num_gpus=layout["rollout_gpus"] / r.tensor_parallel_size).remote()
                        for _ in range(ranks)]
             host, port = ray.get(probes[0].address.remote())
-            ray.get([p.join.remote(host, port, rank, len(probes), backend, cfg.weight_sync.timeout_s)
-                     for rank, p in enumerate(probes)])
+            address = GroupAddress(host, port, len(probes), backend, cfg.weight_sync.timeout_s)
+            ray.get([p.join.remote(address, rank) for rank, p in enumerate(probes)])
             bucket = cfg.weight_sync.bucket_mb << 20
             per_rank = ray.get([p.broadcast.remote(nbytes, bucket, repeats) for p in probes])
             times = [max(ts) for ts in zip(*per_rank)]  # a repeat is over when every rank holds the bytes
@@ -395,7 +397,6 @@ def pipeline(args) -> dict:
         if args.trl_generation == "off":
             done("trl", "off")
         else:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
             from bench_trl import trl_side_by_side
 
             order = _prompt_order(cfg, num_prompts, _num_groups(cfg))
@@ -422,23 +423,16 @@ def publish_bench(args) -> dict:
     publishes (after one untimed) with the engines idle and the same weights; medians of the weight
     transfer (`time/weight_sync_s`) and of the whole publish with admission paused (`time/publish_idle_s`),
     against a bare transfer of the same bytes by the same route."""
-    from configs.schema import validate
-    from rewards.tasks import build_task, resolve_data_path
-    from rollout.models import resolve_model_dir
-    from trainer import cluster
-    from trainer.loop import Run
+    from trainer.loop import build_run
 
     cfg = _compose([*PIPELINE_DEFAULTS, f"output_dir={(Path(args.workdir) / 'publish').resolve()}", *args.overrides])
-    validate(cfg)
-    cfg.task.path, cfg.task.eval_path = resolve_data_path(cfg.task.path), resolve_data_path(cfg.task.eval_path)
-    model_dir = str(resolve_model_dir(cfg.model.name, cfg.model.path, cfg.cache_dir))
-    layout, placement = cluster.prepare(cfg)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    run_ = Run(cfg, model_dir, layout, placement, build_task(cfg.task))
+    run_, _ = build_run(cfg)  # what scripts/train.py builds
+    layout, model_dir = run_.fleet.layout, run_.model_dir
     try:
         run_.setup()
         pubs = [run_.publish(version) for version in range(1, args.repeats + 2)][1:]  # the first one warms up
     finally:
+        run_.monitor.close()
         run_.close()
     sync, idle = statistics.median(p["seconds"] for p in pubs), statistics.median(p["idle_s"] for p in pubs)
     bare = _bare_transfer(cfg, layout, pubs[0]["bytes"], args.repeats)

@@ -1,1 +1,1 @@
-"""Staleness control (DESIGN.md section 5): admission, policy versions, accounting."""
+"""Staleness control (docs/design.md section 5): admission, policy versions, accounting."""

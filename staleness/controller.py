@@ -1,4 +1,4 @@
-"""The admission rule and the trajectory accounting of DESIGN.md section 5 (AReaL).
+"""The admission rule and the trajectory accounting of docs/design.md section 5 (AReaL).
 
 Pure bookkeeping with no Ray in it, so the rule is unit-tested directly; the Ray actor
 in `staleness.service` wraps one instance.

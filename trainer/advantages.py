@@ -1,4 +1,4 @@
-"""Critic-free advantages from G sampled responses per prompt (DESIGN.md section 3), and the
+"""Critic-free advantages from G sampled responses per prompt (docs/design.md section 3), and the
 EWMA normaliser of the batch-size-invariant setting (section 4).
 
     group_advantages(rewards, group_index, method, baseline=None) -> (N,)
@@ -36,7 +36,7 @@ def group_advantages(
       distinct group id in ascending id order (so baseline[g] for ids 0..G-1).
 
     Computed in float64 and returned as float32. A group whose rewards are all equal gets
-    exactly 0 for grpo, dr_grpo and rloo (DESIGN.md section 3).
+    exactly 0 for grpo, dr_grpo and rloo (docs/design.md section 3).
     """
     if rewards.dim() != 1 or group_index.shape != rewards.shape:
         raise ValueError(

@@ -1,34 +1,46 @@
-"""The rollout fleet as the driver sees it: liveness, restarts, and the weight-sync protocol.
+"""Every actor of a run, and what happens when one dies (docs/design.md sections 6 and 9).
 
-    fleet = Fleet(cfg, layout, trainers, workers, service)
-    fleet.start_engines(); fleet.init_weight_sync()      # setup: the engines, the plan, the group
-    batch = fleet.next_batch()                           # recovers lost rollout workers while waiting
-    out = fleet.publish(version, checkpoint=None)        # DESIGN.md section 6
+    fleet = Fleet(cfg, model_dir, layout, placement, num_prompts)   # the staleness service, trainers, workers
+    fleet.setup(output_dir)                   # engines up, trainer group, weight-sync plan and group
+    batch = fleet.next_batch(version)         # recovers lost rollout workers while waiting
+    out = fleet.publish(version, checkpoint)  # pause admission -> weights -> version -> [checkpoint] -> resume
+    back_to = fleet.recover_trainers(error, step, checkpoint_dir, service_state)
+    fleet.close()
 
-A publish: pause admission -> one call per engine (pause its requests, receive, set the version,
-resume) beside the trainer's fill-and-broadcast -> version i+1 -> [checkpoint] -> resume
-admission. Colocated (CUDA IPC), the trainer fills its flat buffer first, while the engines still
-generate, and each engine then copies out of it. With weight_sync.verify the engines hold their
-requests until every fingerprint matched the trainer's.
+The fleet owns the staleness service (on the driver's node: a lost worker node must not take the
+run's data state with it), the trainer ranks and the rollout workers, their placement, and the
+fault counters (`faults`, in accounting.json and the metrics):
 
-The plan (rollout/weight_sync.py) is agreed once, at setup: every engine reports its regions (they
-must agree), the trainer checks them against its tensors and lays out its flat buffer.
-
-A rollout worker that dies (before or during a publish), or whose engine died under it (the actor is
-then killed for Ray to restart), is restarted by Ray; its running rollouts are dropped as worker_lost (their prompts handed out again), a fresh weight-sync group is formed,
-and every engine receives the current version and is verified against the trainer before anything
-is generated again. A worker that stops answering is hung, not lost: the run stops, naming it.
+- **A rollout worker dies** (before or during a publish), or its engine dies under it (the actor is
+  then killed for Ray to restart): Ray restarts it; its running rollouts are dropped as worker_lost
+  and their prompts handed out again; a fresh weight-sync group is formed, and every engine receives
+  the current version and is verified against the trainer before anything is generated again.
+- **A rollout worker stops answering**: it is hung, not lost: the run stops, naming it.
+- **A trainer rank dies**: generation halts, a new trainer group starts in the same placement
+  (waiting for resources up to trainer.restart_timeout_s), loads the latest complete checkpoint (or
+  the initial weights), the staleness service rolls back to it, the weight-sync group is formed
+  again and a verified publish follows; the driver then trains the lost steps again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rollout.weight_sync import SyncPlan
+from configs.schema import ConfigError
+from rollout.worker import RolloutWorker
+from staleness.service import StalenessService
+from trainer import cluster
+from trainer.publish import WeightSync, WeightSyncTimeout
+from trainer.worker import TrainerWorker
+from weight_sync.messages import GroupAddress
 
 log = logging.getLogger("tether")
 
@@ -36,104 +48,153 @@ PING_TIMEOUT_S = 15.0  # a rollout worker that does not answer a ping this long 
 RESTART_TIMEOUT_S = 600.0  # Ray restart plus engine start of a lost rollout worker
 
 
-class WeightSyncTimeout(RuntimeError):
-    """A member of the weight-sync protocol did not answer within weight_sync.timeout_s."""
+def start_trainer_group(trainers: list, on_gpu: bool, timeout_s: float) -> None:
+    """Form the trainers' torch.distributed group when they shard with FSDP2 (several workers, or
+    mixed precision on one GPU): every rank joins at once; then each shards and builds its optimizer."""
+    if not ray.get(trainers[0].uses_group.remote()):
+        return
+    host, port = ray.get(trainers[0].sync_address.remote())
+    address = GroupAddress(host, port, len(trainers), "nccl" if on_gpu else "gloo", timeout_s)
+    ray.get([t.init_group.remote(address) for t in trainers])
 
 
 class Fleet:
-    def __init__(self, cfg, layout: dict, trainers: list, workers: list, service) -> None:
-        self.cfg = cfg
-        self.layout = layout
-        self.trainers = trainers
-        self.trainer = trainers[0]  # rank 0: the weight-sync root
-        self.workers = workers
-        self.service = service
-        self.plan: SyncPlan | None = None
-        self.ipc_handle: bytes | None = None
+    def __init__(self, cfg, model_dir: str, layout: dict, placement: cluster.Placement, num_prompts: int) -> None:
+        self.cfg, self.model_dir, self.layout, self.placement = cfg, model_dir, layout, placement
+        r = cfg.rollout
+        # actors are named after the run (its output directory): `ray.get_actor` finds them, and a
+        # second run writing to the same directory fails here instead of mixing outputs
+        self.run_id = str(Path(cfg.output_dir).resolve())
+        try:
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.service = ray.remote(StalenessService).options(
+                num_cpus=0, name=f"tether:staleness:{self.run_id}", scheduling_strategy=here).remote(
+                cfg.trainer.batch_size, cfg.staleness.max_staleness, cfg.staleness.max_running, num_prompts,
+                cfg.seed, cfg.algorithm.drop_zero_variance_groups, cfg.staleness.fixed_lag)
+        except ValueError as e:  # the name is taken
+            raise ConfigError(f"output_dir={cfg.output_dir!r} is being written by another run on this Ray cluster "
+                              f"({e}); give this run its own output_dir") from None
+        # an engine's GPUs (its tensor-parallel group) and CPUs are reserved together on one node,
+        # shared GPUs as whole-GPU bundles; an unsatisfiable request fails here, before any work
+        placement.reserve()
+        self.trainers = self._new_trainers()
+        self.workers = [
+            ray.remote(RolloutWorker).options(**placement.worker(i), max_concurrency=10_000,
+                                              max_restarts=r.max_restarts, name=f"tether:rollout:{i}:{self.run_id}",
+                                              ).remote(i, cfg, model_dir, self.service)
+            for i in range(r.num_workers)
+        ]
         self.incarnations: list[str] = []
         self.pids: list[int] = []
-        self.hung = False  # a worker stopped answering: do not wait on it at close
-        self.verified_publishes = 0
+        self.sync = WeightSync(cfg, layout["backend"], self.trainers, self.workers, self._name)
         self.faults = {"worker_restarts": 0, "rollouts_dropped_worker_lost": 0, "recovery_publishes_verified": 0,
                        "engine_deaths": 0, "trainer_restarts": 0, "steps_redone": 0}
 
-    def replace_trainers(self, trainers: list) -> None:
-        """A restarted trainer group: the plan is agreed and the weight-sync group formed again with it
-        (`init_weight_sync`); the engines stay as they are."""
-        self.trainers, self.trainer = trainers, trainers[0]
-        self.plan, self.ipc_handle = None, None
-
-    def _all_trainers(self, method: str, *args):
-        """Call a method on every trainer rank (they take part in the same collectives); rank 0's result."""
-        return ray.get([getattr(t, method).remote(*args) for t in self.trainers])[0]
+    def _new_trainers(self) -> list:
+        t = self.cfg.trainer
+        return [ray.remote(TrainerWorker).options(**self.placement.trainer(k)).remote(self.cfg, self.model_dir, k,
+                                                                                        t.num_workers)
+                for k in range(t.num_workers)]
 
     def _name(self, i: int) -> str:
         return f"rollout worker {i} (pid {self.pids[i]})"
 
-    def _await(self, calls: list[tuple[str, ray.ObjectRef]], what: str) -> list:
-        """ray.get of every call, within weight_sync.timeout_s; a timeout names who did not answer."""
-        timeout = self.cfg.weight_sync.timeout_s
-        refs = [ref for _, ref in calls]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if pending:
-            self.hung = True
-            stuck = [name for name, ref in calls if ref in pending]
-            raise WeightSyncTimeout(
-                f"{what}: {', '.join(stuck)} did not answer within weight_sync.timeout_s={timeout:g} s. Look at "
-                f"that process's log (a hung collective, a stopped process, an exhausted GPU); raise "
-                f"weight_sync.timeout_s if the transfer is just slow")
-        return ray.get(refs)
+    @property
+    def verified_publishes(self) -> int:
+        return self.sync.verified
+
+    @property
+    def hung(self) -> bool:
+        """A member stopped answering: do not wait on it at close."""
+        return self.sync.hung
 
     # ---- setup -------------------------------------------------------------------------
-    def start_engines(self) -> None:
+    def setup(self, output_dir: Path) -> None:
+        self._check_shared_output(Path(output_dir))
         ray.get([w.start.remote() for w in self.workers])  # engines up (vLLM: tens of seconds)
         infos = ray.get([w.ping.remote() for w in self.workers])
         self.incarnations, self.pids = [i["incarnation"] for i in infos], [i["pid"] for i in infos]
+        start_trainer_group(self.trainers, self.layout["trainer_gpus"] > 0, self.cfg.weight_sync.timeout_s)
+        self.sync.init()  # the plan, the trainer's flat buffer, the weight-sync group
 
-    def _agree_on_plan(self, which: list[int]) -> SyncPlan:
-        """The plan from the regions `which` engines report; they, and any earlier plan, must agree."""
-        bucket = self.cfg.weight_sync.bucket_mb << 20
-        reported = self._await([(self._name(i), self.workers[i].weight_sync_regions.remote()) for i in which],
-                               "reporting the engines' weight-sync regions")
-        plans = [SyncPlan.build(regions, bucket) for regions in reported]
-        reference = self.plan or plans[0]
-        for i, plan in zip(which, plans):
-            if plan != reference:
-                raise RuntimeError(f"{self._name(i)} lays out its parameters differently from the other engines "
-                                   f"({plan.summary()} vs {reference.summary()}); every engine must serve the same "
-                                   "model with the same rollout.tensor_parallel_size and model.dtype")
-        return reference
+    def _check_shared_output(self, output_dir: Path) -> None:
+        """Trainer rank 0 writes checkpoints and the export into output_dir and the driver reads them (and
+        writes its own files there): find out now, not at the first checkpoint, if they do not share it."""
+        token = uuid.uuid4().hex
+        probe = output_dir / f".probe-{token}"
+        where = f"output_dir={str(output_dir)!r}"
+        try:
+            node = ray.get(self.trainers[0].probe_output_dir.remote(str(probe), token))
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, OSError) else None
+            if cause is None:
+                raise
+            raise ConfigError(f"trainer rank 0 cannot write to {where} ({type(cause).__name__}: {cause.strerror}); "
+                              "checkpoints and the export are written there: make it writable on the trainer's "
+                              "node or choose another output_dir") from None
+        try:
+            seen = probe.read_text()
+            probe.unlink()
+        except OSError:
+            seen = None
+        if seen != token:
+            fix = ("give an absolute path (actors do not run in the driver's working directory)"
+                   if not output_dir.is_absolute() else
+                   "put output_dir on a filesystem every node mounts at the same path (NFS, a shared disk)")
+            raise ConfigError(f"{where} is not shared: trainer rank 0 (node {node}) wrote a file there that this "
+                              f"driver cannot read, so its checkpoints and export would be lost; {fix}")
 
-    def init_weight_sync(self, restarted: list[int] | None = None) -> None:
-        """Agree on the plan (first time), then a fresh weight-sync group: the trainer and every engine.
-        After a restart, only the `restarted` engines report their regions (and open the IPC buffer)."""
-        which = list(range(len(self.workers))) if restarted is None else restarted
-        plan = self._agree_on_plan(which)
-        if self.plan is None:
-            self._all_trainers("set_sync_plan", plan.to_plain())  # checks it against the trainer's tensors
-            self.plan = plan
-            log.info("weight sync plan: %s", plan.summary())
-        plain = plan.to_plain()
-        backend = self.layout["backend"]
-        if backend == "ipc":  # no process group: each engine opens the trainer's buffer once
-            if self.ipc_handle is None:
-                self.ipc_handle = ray.get(self.trainer.ipc_handle.remote())
-            self._await([(self._name(i), self.workers[i].init_weight_sync_ipc.remote(plain, self.ipc_handle))
-                         for i in which], "opening the trainer's weight buffer")
-            return
-        tp = self.cfg.rollout.tensor_parallel_size
-        world = 1 + tp * len(self.workers)
-        host, port = ray.get(self.trainer.sync_address.remote())
-        timeout = self.cfg.weight_sync.timeout_s
-        # every member must join at once: the group forms only when all world_size ranks arrived
-        self._await([("trainer rank 0", self.trainer.init_weight_sync.remote(host, port, world, backend, timeout))]
-                    + [(self._name(i), w.init_weight_sync.remote(plain, host, port, 1 + tp * i, world, backend, timeout))
-                       for i, w in enumerate(self.workers)], "joining the weight-sync group")
+    # ---- calls the driver makes ---------------------------------------------------------
+    def all_trainers(self, method: str, *args):
+        """Call a method on every trainer rank (they take part in the same collectives); rank 0's result."""
+        return self.all_trainers_each(method, *args)[0]
+
+    def all_trainers_each(self, method: str, *args) -> list:
+        return ray.get([getattr(t, method).remote(*args) for t in self.trainers])
+
+    def service_snapshot(self) -> dict:
+        return ray.get(self.service.snapshot.remote())
+
+    def restore_service(self, state: dict) -> None:
+        ray.get(self.service.restore.remote(state))
+
+    def dropped_total(self) -> int:
+        return ray.get(self.service.accounting.remote())["dropped_total"]
+
+    def start_generation(self) -> None:
+        ray.get([w.run.remote() for w in self.workers])
+
+    def stop_generation(self) -> None:
+        ray.get(self.service.stop.remote())
+        ray.get([w.stop.remote() for w in self.workers])
+
+    def next_batch(self, version: int) -> list:
+        """The next batch; while waiting, lost rollout workers are found and recovered."""
+        ref = self.service.get_batch.remote(self.cfg.trainer.batch_size)
+        while not ray.wait([ref], timeout=2.0)[0]:
+            self.check_workers(version)
+        return ray.get(ref)
+
+    def worker_stats(self, version: int) -> list[dict]:
+        try:
+            return ray.get([w.get_stats.remote() for w in self.workers])
+        except ray.exceptions.RayActorError:
+            self.check_workers(version)
+            return ray.get([w.get_stats.remote() for w in self.workers])
+
+    def accounting(self, version: int) -> dict:
+        """The staleness service's accounting with the fault counters (and environment failures)."""
+        acc = ray.get(self.service.accounting.remote())
+        acc["faults"] = dict(self.faults)
+        if self.cfg.env is not None:  # environment failures (their groups are in dropped: error)
+            stats = self.worker_stats(version)
+            acc.setdefault("episodes", {}).update({k: sum(s[k] for s in stats) for k in ("env_errors", "env_timeouts")})
+        return acc
 
     # ---- publish, with recovery from lost rollout workers ------------------------------
     def publish(self, version: int, checkpoint: Callable[[], object] | None = None,
                 lost: list[int] | None = None) -> dict:
-        """Pause admission -> publish -> version -> [checkpoint] -> resume admission.
+        """Pause admission -> weights to every engine -> version -> [checkpoint] -> resume admission.
 
         Returns interrupted requests, bytes, `seconds` (the weight transfer: the slowest engine's
         receive, plus the trainer's fill when colocated), `idle_s` (admission paused: what a user
@@ -143,7 +204,7 @@ class Fleet:
         held = self.cfg.weight_sync.verify  # engines wait for the verification before generating
         if not lost:
             try:
-                out = self.publish_weights(version, verify=held)
+                out = self._transfer(version, verify=held)
             except (ray.exceptions.RayError, WeightSyncTimeout) as e:
                 try:
                     lost = self.lost_workers()
@@ -154,7 +215,7 @@ class Fleet:
                 log.warning("publishing version %d failed (%s); rollout workers %s were lost", version,
                             str(e).splitlines()[0][:200], lost)
         if lost:
-            out = self._recover(lost, version)
+            out = self._recover_workers(lost, version)
             held = True
         ray.get(self.service.set_version.remote(version))
         saved = checkpoint() if checkpoint is not None else None  # admission is paused: the data cursor is consistent
@@ -165,7 +226,7 @@ class Fleet:
                 late = self.lost_workers()
                 if not late:
                     raise
-                self._recover(late, version)
+                self._recover_workers(late, version)
                 ray.get([w.end_publish.remote() for w in self.workers])
                 lost = sorted({*(lost or []), *late})
         ray.get(self.service.resume.remote())
@@ -173,30 +234,13 @@ class Fleet:
             ray.get([self.workers[i].run.remote() for i in lost])  # generation resumes under verified weights
         return {**out, "idle_s": time.perf_counter() - t0, "checkpoint": saved}
 
-    def publish_weights(self, version: int, verify: bool) -> dict:
-        """One call per engine (pause, receive, version; resume unless `verify`) beside the trainer's.
-        With `verify`, the engines stay paused after the check: the caller resumes them (`end_publish`)."""
-        what = f"weight sync of version {version}"
+    def _transfer(self, version: int, verify: bool) -> dict:
         if not self.cfg.rollout.interrupt_on_publish:
             # waiting for in-flight requests can take minutes: not inside the broadcast's timeout
-            self._await([(self._name(i), w.begin_publish.remote()) for i, w in enumerate(self.workers)],
-                        f"letting in-flight requests finish before version {version}")
-        if self.layout["backend"] == "ipc":
-            packed = self._all_trainers("publish_ipc")  # filled while the engines still generate
-            got = self._await([(self._name(i), w.publish.remote(version, not verify))
-                               for i, w in enumerate(self.workers)], what)
-            seconds = packed["seconds"] + max(g["receive_s"] for g in got)
-        else:
-            # the trainer's broadcast meets each engine as soon as its requests are paused
-            got = self._await([(f"trainer rank {k}", t.publish.remote()) for k, t in enumerate(self.trainers)]
-                              + [(self._name(i), w.publish.remote(version, not verify))
-                                 for i, w in enumerate(self.workers)], what)[len(self.trainers):]
-            seconds = max(g["receive_s"] for g in got)
-        if verify:
-            self.verify_weights(version)
-        return {"interrupted": sum(g["interrupted"] for g in got), "bytes": self.plan.nbytes, "seconds": seconds,
-                "pause_s": max(g["pause_s"] for g in got)}
+            self.sync.let_requests_finish(version)
+        return self.sync.transfer(version, verify)
 
+    # ---- a lost rollout worker ----------------------------------------------------------
     def lost_workers(self) -> list[int]:
         """Rollout workers that died or were restarted by Ray since we last set them up, or whose engine
         died under a live actor (those are killed here, for Ray to restart). A worker that does not
@@ -223,7 +267,7 @@ class Fleet:
             elif info["incarnation"] != self.incarnations[i]:
                 lost.append(i)
         if hung:
-            self.hung = True
+            self.sync.hung = True
             raise WeightSyncTimeout(f"{', '.join(hung)} did not answer a ping within {PING_TIMEOUT_S:g} s: the process "
                                     "is alive but stuck (stopped, deadlocked or swapping); look at its log")
         return lost
@@ -243,7 +287,7 @@ class Fleet:
                            f"(rollout.max_restarts={self.cfg.rollout.max_restarts} may be used up); the run stops. "
                            f"Resume it with checkpoint.resume=auto")
 
-    def _recover(self, lost: list[int], version: int) -> dict:
+    def _recover_workers(self, lost: list[int], version: int) -> dict:
         for i in lost:
             dropped = ray.get(self.service.worker_lost.remote(self.incarnations[i]))
             self.faults["rollouts_dropped_worker_lost"] += dropped
@@ -253,8 +297,8 @@ class Fleet:
             self._wait_restarted(i)
             self.faults["worker_restarts"] += 1  # counted now: a trainer lost meanwhile takes over the recovery
         ray.get([self.workers[i].start.remote() for i in lost])
-        self.init_weight_sync(restarted=lost)
-        out = self.publish_weights(version, verify=True)  # every engine == trainer, bitwise; engines held
+        self.sync.init(restarted=lost)
+        out = self._transfer(version, verify=True)  # every engine == trainer, bitwise; engines held
         self.faults["recovery_publishes_verified"] += 1
         log.warning("rollout workers %s restarted, re-joined the weight sync and verified at version %d", lost, version)
         return out
@@ -265,26 +309,76 @@ class Fleet:
         if lost:
             self.publish(version, lost=lost)
 
-    def next_batch(self, version: int) -> list:
-        """The next batch; while waiting, lost rollout workers are found and recovered."""
-        ref = self.service.get_batch.remote(self.cfg.trainer.batch_size)
-        while not ray.wait([ref], timeout=2.0)[0]:
-            self.check_workers(version)
-        return ray.get(ref)
-
-    def worker_stats(self, version: int) -> list[dict]:
+    # ---- a lost trainer rank -----------------------------------------------------------
+    def trainer_lost(self) -> bool:
+        """Whether a trainer rank died (a live but busy one is not a loss: the original error stands)."""
+        refs = [t.uses_group.remote() for t in self.trainers]
         try:
-            return ray.get([w.get_stats.remote() for w in self.workers])
+            ray.get(refs, timeout=PING_TIMEOUT_S)
+            return False
         except ray.exceptions.RayActorError:
-            self.check_workers(version)
-            return ray.get([w.get_stats.remote() for w in self.workers])
+            return True
+        except ray.exceptions.GetTimeoutError:
+            return False
 
-    def verify_weights(self, version: int) -> None:
-        """Every engine must serve exactly the trainer's weights (bitwise, in the engine's dtype)."""
-        expected = self._all_trainers("fingerprint")
-        got = ray.get([w.fingerprint.remote() for w in self.workers])
-        bad = [i for i, f in enumerate(got) if f != expected]
-        if bad:
-            raise RuntimeError(f"after publishing version {version}, rollout workers {bad} hold weights whose "
-                               f"fingerprint differs from the trainer's ({[got[i] for i in bad]} != {expected})")
-        self.verified_publishes += 1
+    def recover_trainers(self, error: Exception, step: int, checkpoint_dir: Path | None, service_state: dict) -> int:
+        """A trainer rank died (its process or its node) during `step`. Stop generation, start a new
+        trainer group (waiting for its resources), load `checkpoint_dir` (None: keep the initial weights),
+        roll the staleness service back to `service_state`, re-form the weight-sync group, publish and
+        verify. Returns the step the run continues after."""
+        cfg = self.cfg
+        restarts = self.faults["trainer_restarts"] + 1
+        first_line = str(error).splitlines()[0][:200]
+        if restarts > cfg.trainer.max_restarts:
+            raise RuntimeError(f"a trainer worker was lost during step {step} ({first_line}) and trainer.max_restarts="
+                               f"{cfg.trainer.max_restarts} restarts are used up; the run stops. Resume it with "
+                               "checkpoint.resume=auto") from None
+        log.warning("trainer lost during step %d (%s); restarting it in the run (%d of trainer.max_restarts=%d)",
+                    step, first_line, restarts, cfg.trainer.max_restarts)
+        ray.get(self.service.pause.remote())
+        ray.get(self.service.halt.remote())  # the loops waiting for admission end
+        ray.get([w.stop.remote() for w in self.workers])  # in-flight requests aborted, their groups dropped
+        for t in self.trainers:
+            ray.kill(t)
+        self.trainers = self._new_trainers()
+        refs = [t.uses_group.remote() for t in self.trainers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=cfg.trainer.restart_timeout_s)
+        if len(ready) < len(refs):
+            raise RuntimeError(f"the trainer was lost during step {step} and its replacement found no resources "
+                               f"within trainer.restart_timeout_s={cfg.trainer.restart_timeout_s:g} s (it needs "
+                               f"trainer.num_cpus={cfg.trainer.num_cpus:g} and {self.layout['trainer_gpus']:g} GPU per "
+                               "rank); the run stops. Resume it with checkpoint.resume=auto once the cluster has the "
+                               "capacity") from None
+        ray.get(refs)
+        start_trainer_group(self.trainers, self.layout["trainer_gpus"] > 0, cfg.weight_sync.timeout_s)
+        back_to = self.all_trainers("load", str(checkpoint_dir)) if checkpoint_dir is not None else 0
+        self.restore_service(service_state)
+        self.sync.replace_trainers(self.trainers)
+        self.sync.init()
+        self._transfer(back_to, verify=True)  # every engine == the restored trainer, bitwise
+        ray.get(self.service.set_version.remote(back_to))
+        ray.get([w.end_publish.remote() for w in self.workers])
+        ray.get(self.service.resume.remote())
+        self.start_generation()
+        self.faults["trainer_restarts"] = restarts
+        self.faults["steps_redone"] += step - 1 - back_to
+        self.faults["recovery_publishes_verified"] += 1
+        log.warning("trainer restarted from %s; continuing after step %d (%d finished step(s) to train again)",
+                    checkpoint_dir if checkpoint_dir is not None else "the initial weights", back_to, step - 1 - back_to)
+        return back_to
+
+    def close(self) -> None:
+        """Let the engines shut down their processes (up to a minute in all), then kill every actor."""
+        refs = [w.close.remote() for w in self.workers]
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=60 if not self.hung else 5)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception:  # a dead worker has nothing left to close
+                log.debug("worker close failed", exc_info=True)
+        if pending:
+            log.warning("%d rollout worker(s) did not close in time; killing them", len(pending))
+        for actor in [*self.workers, *self.trainers, self.service]:
+            ray.kill(actor)
+        for pg in self.placement.groups:
+            remove_placement_group(pg)

@@ -1,4 +1,4 @@
-"""Batch-size invariance (Hilton, Cobbe, Schulman 2021, arXiv 2110.00641; DESIGN.md section 4).
+"""Batch-size invariance (Hilton, Cobbe, Schulman 2021, arXiv 2110.00641; docs/design.md section 4).
 
     derive_invariant_hparams(reference_batch_size, batch_size, ...) -> InvariantHparams
     ewma_center_of_mass(beta) -> steps;  ewma_span(beta) -> steps;  ewma_beta_from_span(span) -> beta

@@ -1,5 +1,5 @@
 """Log-probs and entropy of the sampled tokens from the final hidden states, in chunks: never a full
-(tokens x vocabulary) float32 tensor, in the forward pass or the backward pass (DESIGN.md section 6b).
+(tokens x vocabulary) float32 tensor, in the forward pass or the backward pass (docs/design.md section 6b).
 
     token_logprobs_from_hidden(hidden, weight, targets, temperature, chunk) -> (logp (R,), entropy (R,))
     LogProbHead(lm_head)     # replaces a causal LM's head: its "logits" output is logp of given targets

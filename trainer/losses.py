@@ -1,4 +1,4 @@
-"""Policy losses and the per-token quantities they are built from (DESIGN.md section 3).
+"""Policy losses and the per-token quantities they are built from (docs/design.md section 3).
 
     policy_loss(logp, logp_prox, logp_behav, advantages, mask, *, ...) -> (loss, sums)
     aggregate(per_token_loss, mask, mode, denominator, seq_index=None) -> scalar
@@ -159,7 +159,7 @@ def kl_penalty(logp: Tensor, logp_ref: Tensor, estimator: str) -> Tensor:
     penalty and a gradient of e^r (e^30 = 1e13 at r = 30) and take over the update. So r is clamped to
     [-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND] (exp stays finite in bf16 and float32) and the penalty to
     at most K3_MAX (verl's bounds, 20 and 10): a token past the bound contributes K3_MAX and no gradient,
-    and the gradient of any token is at most about 12.5 in size (where k3 reaches 10, r = 2.53).
+    and the gradient of any token is at most e^r - 1 = 12.61 in size (k3 reaches 10 at r = 2.611).
     """
     if estimator == "k1":
         return logp - logp_ref

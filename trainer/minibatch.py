@@ -7,7 +7,7 @@ One training step makes K = trainer.num_minibatches x trainer.ppo_epochs optimiz
 batch (AReaL `ppo_n_minibatches`, verl `ppo_mini_batch_size` / `ppo_epochs`, TRL
 `num_iterations`). Each update's loss is the token mean over its own minibatch, so the
 micro-batch split inside a minibatch never changes the gradient. The step's diagnostics are
-aggregated over every update, never taken from the last one (DESIGN.md section 7).
+aggregated over every update, never taken from the last one (docs/design.md section 7).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class UpdateStats:
     """Sums of one step's updates: token-weighted means over every update, and the max over updates
     of the per-update ratios (clipfrac, approx_kl) and of the gradient norm."""
 
-    KEYS = ("loss", "kl", "entropy", "prox_behav_diff", "tokens", "clipped", "approx_kl", "capped")
+    KEYS = ("loss", "kl", "entropy", "prox_behav_diff", "tokens", "clipped", "approx_kl", "capped",
+            "behav_kl", "behav_w", "behav_w2")
 
     def __init__(self) -> None:
         self.total = dict.fromkeys(self.KEYS, 0.0)
@@ -66,6 +67,14 @@ class UpdateStats:
     def skipped(self) -> int:
         return self.updates - self.applied
 
+    def _ess(self) -> float:
+        w, w2, n = self.total["behav_w"], self.total["behav_w2"], self.total["tokens"]
+        if not w2 > 0:
+            return 1.0  # nothing trained on: no weights to be uneven
+        if not math.isfinite(w2):
+            return 0.0  # a weight beyond float64's range: one token outweighs the rest entirely
+        return w * w / (n * w2)
+
     def metrics(self, kl_coef: float) -> dict[str, float]:
         tokens = max(self.total["tokens"], 1.0)  # diagnostics are over the tokens that were trained on
         n = max(self.updates, 1)
@@ -81,6 +90,11 @@ class UpdateStats:
             "policy/entropy": self.total["entropy"] / tokens,
             "policy/behav_weight_capped_frac": self.total["capped"] / tokens,
             "policy/logp_prox_minus_behav": self.total["prox_behav_diff"] / tokens,
+            # how far the engine's policy is from pi_prox (docs/design.md section 3b): k3 KL(pi_behav || pi_prox)
+            # on the sampled tokens, and the effective sample size of the behaviour weights w = pi_prox / pi_behav,
+            # (sum w)^2 / (N sum w^2): 1 on-policy, -> 1/N as one token's weight dominates
+            "policy/behav_kl": self.total["behav_kl"] / tokens,
+            "policy/behav_ess": self._ess(),
             "policy/grad_norm": sum(self.grad_norms) / n if self.grad_norms else 0.0,
             # the largest finite norm (a non-finite one skipped its update and shows in the mean)
             "policy/grad_norm_max": max(finite_norms, default=float("nan") if self.grad_norms else 0.0),

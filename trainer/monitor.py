@@ -1,11 +1,15 @@
-"""Where the numbers go: metrics.jsonl, wandb (same names), the console bar, the end-of-run plot."""
+"""Where the numbers go: the per-step row (docs/design.md section 7), metrics.jsonl, wandb (same names),
+the console bar, sample tables, the end-of-run plot."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from rollout.episode import episode_metrics
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +27,31 @@ def _netrc() -> str:
     return path.read_text() if path.exists() else ""
 
 
+@dataclass
+class StepOutcome:
+    """What one driver step produced, for its metrics row."""
+
+    step: int
+    metrics: dict  # the trainer's (rank 0's: sums over every rank)
+    trained: list  # the trajectories trained on (ReMax baselines left out)
+    lags: list[int]  # policy versions between each one's start and the weights it was trained from
+    publish: dict  # the fleet's publish report
+    worker_stats: list[dict]  # each rollout worker's counters
+    dropped: int  # rollouts dropped so far, every reason
+    faults: dict  # the fleet's fault counters
+    wait_s: float  # waiting for the batch
+    step_s: float  # the whole step: wait, train, publish
+    generated_tokens: int  # tokens the engines generated during the step
+    cumulative_tokens_per_s: float  # consumed tokens per second since this process started training
+
+
 class Monitor:
     def __init__(self, cfg, output_dir: Path, resolved_config: dict, resume: dict | None = None) -> None:
         """resume: {"step": N, "wandb_run_id": id} to continue a run from its checkpoint after step N:
         metrics.jsonl keeps its rows up to step N (later ones are redone) and wandb continues the run."""
         self.output_dir = output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.sample_every = cfg.logger.sample_every
         self.metrics_path = output_dir / "metrics.jsonl"
         self.rows: list[dict] = []
         if resume is not None and self.metrics_path.exists():
@@ -54,6 +77,33 @@ class Monitor:
             self.bar = tqdm(total=cfg.trainer.max_steps, initial=resume["step"] if resume else 0, desc="train",
                             unit="step", dynamic_ncols=True)
 
+    def step_row(self, o: StepOutcome) -> dict:
+        """The step's metrics row: the trainer's metrics, then staleness, rollout, rewards, faults, time."""
+        pub = o.publish
+        return {
+            "step": o.step, "policy_version": o.step, **o.metrics,
+            "staleness/lag_mean": sum(o.lags) / len(o.lags), "staleness/lag_min": min(o.lags),
+            "staleness/lag_max": max(o.lags), "staleness/dropped": o.dropped,
+            "rollout/tokens_per_s": o.generated_tokens / o.step_s,
+            "rollout/interrupted": pub["interrupted"],
+            # responses whose tokens came from more than one policy version (interrupted by a publish)
+            "rollout/multi_version_frac": sum(len(set(t.versions)) > 1 for t in o.trained) / len(o.trained),
+            "reward/errors": sum(s["reward_errors"] for s in o.worker_stats),
+            **episode_metrics(o.trained),
+            "faults/worker_restarts": o.faults["worker_restarts"],
+            "faults/trainer_restarts": o.faults["trainer_restarts"],
+            "time/step_s": o.step_s, "time/rollout_wait_s": o.wait_s, "time/weight_sync_s": pub["seconds"],
+            "time/publish_idle_s": pub["idle_s"],  # admission paused: the engines wait for the new weights
+            "weight_sync/bytes": pub["bytes"],
+            "perf/consumed_tokens_per_s": sum(t.num_tokens for t in o.trained) / o.step_s,
+            "perf/consumed_tokens_per_s_cumulative": o.cumulative_tokens_per_s,
+        }
+
+    def should_sample(self, step: int) -> bool:
+        """Every logger.sample_every steps (0 = never)."""
+        every = self.sample_every
+        return bool(every) and step % every == 0
+
     def log(self, row: dict) -> None:
         self.rows.append(row)
         self._file.write(json.dumps(row) + "\n")
@@ -77,8 +127,11 @@ class Monitor:
             self.bar.n = len(self.rows)
             self.bar.refresh()
 
-    def samples(self, step: int, rows: list[dict]) -> None:
-        """A table of sample completions: `samples.jsonl` and a wandb Table."""
+    def samples(self, step: int, trajs: list) -> None:
+        """A table of (up to 8) sample completions: `samples.jsonl` and a wandb Table."""
+        rows = [{"prompt_index": t.prompt_index, "response": t.info.get("text", ""), "reward": t.reward,
+                 "versions": f"{min(t.versions, default=step - 1)}-{max(t.versions, default=step - 1)}"}
+                for t in trajs[:8]]
         with open(self.output_dir / "samples.jsonl", "a") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, **r}) + "\n")

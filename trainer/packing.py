@@ -1,4 +1,4 @@
-"""Packed sequences: no compute on padding (DESIGN.md section 6b).
+"""Packed sequences: no compute on padding (docs/design.md section 6b).
 
     plan_micro_batches(lengths, active, world_size, rank, max_tokens) -> [[traj indices] | None, ...]
     pack(trajs, advantages, device) -> PackedBatch (one row of concatenated sequences)

@@ -10,7 +10,7 @@ Every rank receives the whole batch and computes the same advantages; each train
 of the trajectories. Every micro-batch loss is divided by the global token count and multiplied
 by the world size before backward, because FSDP's gradient reduction averages over the ranks
 (gloo has no pre-multiplied sum to turn that off): the gradient is then the global token-mean
-of DESIGN.md section 3 whatever the number of workers.
+of docs/design.md section 3 whatever the number of workers.
 """
 
 from __future__ import annotations

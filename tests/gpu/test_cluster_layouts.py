@@ -8,6 +8,10 @@
 * Two FSDP2 trainer ranks on two GPUs with the engine beside rank 1
   (`trainer.num_workers=2 trainer.num_gpus=0.5 rollout.num_gpus=0.5`): NCCL joins rank 0 and the
   engine across GPUs; every publish verified bitwise.
+
+Both train the tiny random model (its tokenizer from the project cache), or, with
+TETHER_GPU_MODEL_DIR set (a machine without the package registry), that converted SmolLM2
+directory as `model=hf model.path=...`, as the other GPU tests do.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.vllm,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["model=tiny", "trainer.max_steps=3", "trainer.batch_size=8", "trainer.group_size=4",
+MODEL_DIR = os.environ.get("TETHER_GPU_MODEL_DIR")  # see tests/gpu/conftest.py
+MODEL = ["model=hf", f"model.path={MODEL_DIR}"] if MODEL_DIR else ["model=tiny"]
+COMMON = [*MODEL, "trainer.max_steps=3", "trainer.batch_size=8", "trainer.group_size=4",
           "task.num_eval=4", "weight_sync.verify=true", "logger.wandb.mode=disabled", "logger.progress=false",
           "checkpoint.enabled=false"]
 

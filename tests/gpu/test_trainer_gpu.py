@@ -49,9 +49,10 @@ def test_packed_bf16_fsdp_step_matches_the_padded_autocast_step(tmp_path, gpu_mo
     chunked log-probs) and the padded path (autocast, full logits) agree to bf16 precision."""
     import torch.distributed as dist
 
-    from rollout.weight_sync import free_address
     from trainer.packing import per_trajectory
     from trainer.worker import TrainerWorker
+    from weight_sync.messages import GroupAddress
+    from weight_sync.transport import free_address
 
     model_dir = gpu_model_dir
     common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", "trainer.batch_size=6", "trainer.group_size=3",
@@ -59,14 +60,14 @@ def test_packed_bf16_fsdp_step_matches_the_padded_autocast_step(tmp_path, gpu_mo
     packed = TrainerWorker(compose([*common, "trainer.max_tokens_per_micro_batch=256"], cluster_gpus=1), model_dir)
     assert packed.uses_group()
     host, port = free_address()
-    packed.init_group(host, port, "nccl")
+    packed.init_group(GroupAddress(host, port, 1, "nccl", 300.0))
     padded = TrainerWorker(compose([*common, "trainer.pack_sequences=false", "trainer.fsdp=false"], cluster_gpus=1), model_dir)
     batch = _batch()
     values = []
     for t in (packed, padded):
-        tb = t._batch_tensors(batch)
+        tb = t.step.tensors(batch)
         with torch.no_grad():
-            values.append(per_trajectory(t._logprobs(tb, False)[0], batch, tb))
+            values.append(per_trajectory(t.step.logprobs(tb)[0], batch, tb))
     for a, b in zip(*values):
         # summed over up to 40 tokens; bf16 rounding of the two paths (varlen + FSDP2 mixed precision, SDPA +
         # autocast) was seen 1.5% apart on one sequence on an H200

@@ -3,7 +3,7 @@ each of three publishes, by NCCL between two GPUs and by CUDA IPC on one shared 
 
     TETHER_GPU_MODEL_DIR=$DIR python -m pytest -q tests/gpu/test_weight_sync_gpu.py   # 2 GPUs for the NCCL cases
 
-The model is the bundled SmolLM2-135M (tests/gpu/conftest.py). The trainer (trainer/publisher.py over
+The model is the bundled SmolLM2-135M (tests/gpu/conftest.py). The trainer (weight_sync/send.py over
 an HF copy of it, float32 master weights, perturbed before each publish) and the
 engine (rollout/vllm_engine.py) run in Ray actors. vLLM captures its CUDA graphs at start, over the
 parameters' storage; a publish copies the new values into that same storage, so greedy decoding must
@@ -38,7 +38,7 @@ def _actor_classes():
         def __init__(self, model_dir: str, dtype: str) -> None:
             from transformers import AutoModelForCausalLM
 
-            from trainer.publisher import Publisher
+            from weight_sync.send import Publisher
 
             self.dtype = getattr(torch, dtype)
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
@@ -46,17 +46,17 @@ def _actor_classes():
             self.pub = Publisher(lambda: iter(named.items()), {n: p.shape for n, p in named.items()}, named, 0,
                                  torch.device("cuda"))
 
-        def set_plan(self, plan: dict) -> int:
+        def set_plan(self, plan) -> int:
             self.pub.set_plan(plan)
             return self.pub.plan.nbytes
 
         def address(self) -> tuple[str, int]:
-            from rollout.weight_sync import free_address
+            from weight_sync.transport import free_address
 
             return free_address()
 
-        def join(self, host: str, port: int) -> None:
-            self.pub.join(host, port, 2, "nccl", 120.0)
+        def join(self, address) -> None:
+            self.pub.join(address)
 
         def ipc_handle(self) -> bytes:
             return self.pub.ipc_handle()
@@ -67,14 +67,14 @@ def _actor_classes():
                 for p in self.model.parameters():
                     p.add_(torch.randn(p.shape, generator=gen, device="cuda") * 0.05)
 
-        def publish(self) -> dict:
+        def publish(self):
             return self.pub.publish()
 
-        def pack(self) -> dict:
+        def pack(self):
             return self.pub.pack()
 
         def fingerprint(self) -> str:
-            from rollout.weight_sync import fingerprint
+            from weight_sync.receive import fingerprint
 
             return fingerprint(self.model.parameters(), self.dtype)
 
@@ -99,10 +99,10 @@ def _actor_classes():
         async def regions(self) -> list:
             return await self.engine.weight_sync_regions()
 
-        async def join(self, plan: dict, host: str, port: int) -> None:
-            await self.engine.init_weight_sync(plan, host, port, 1, 2, "nccl", 120.0)
+        async def join(self, plan, address) -> None:
+            await self.engine.init_weight_sync(plan, address, 1)
 
-        async def open_ipc(self, plan: dict, handle: bytes) -> None:
+        async def open_ipc(self, plan, handle: bytes) -> None:
             await self.engine.init_weight_sync_ipc(plan, handle)
 
         async def receive(self) -> None:
@@ -148,7 +148,8 @@ def _three_publishes(ray, trainer, engine, publish, dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_nccl_publish_reaches_cuda_graphs(ray_local, gpu_model_dir, dtype):
-    from rollout.weight_sync import SyncPlan
+    from weight_sync.messages import GroupAddress
+    from weight_sync.plan import SyncPlan
 
     ray = ray_local
     if ray.cluster_resources().get("GPU", 0) < 2:
@@ -158,10 +159,10 @@ def test_nccl_publish_reaches_cuda_graphs(ray_local, gpu_model_dir, dtype):
     engine = ray.remote(engine_cls).options(num_cpus=1, num_gpus=1).remote()
     try:
         ray.get(engine.start.remote(gpu_model_dir, dtype), timeout=600)
-        plan = SyncPlan.build(ray.get(engine.regions.remote()), 64 << 20).to_plain()
+        plan = SyncPlan.build(ray.get(engine.regions.remote()), 64 << 20)
         ray.get(trainer.set_plan.remote(plan))
-        host, port = ray.get(trainer.address.remote())
-        ray.get([trainer.join.remote(host, port), engine.join.remote(plan, host, port)], timeout=300)
+        address = GroupAddress(*ray.get(trainer.address.remote()), world_size=2, backend="nccl", timeout_s=120.0)
+        ray.get([trainer.join.remote(address), engine.join.remote(plan, address)], timeout=300)
 
         def publish() -> None:  # one call each, concurrently: they meet in the broadcast
             ray.get([trainer.publish.remote(), engine.receive.remote()], timeout=120)
@@ -180,7 +181,7 @@ def test_ipc_publish_reaches_cuda_graphs_on_one_gpu(ray_local, gpu_model_dir, dt
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rollout.weight_sync import SyncPlan
+    from weight_sync.plan import SyncPlan
 
     ray = ray_local
     pg = placement_group([{"GPU": 1, "CPU": 2}], strategy="STRICT_PACK")  # one GPU, shared by both actors
@@ -192,7 +193,7 @@ def test_ipc_publish_reaches_cuda_graphs_on_one_gpu(ray_local, gpu_model_dir, dt
     engine = ray.remote(engine_cls).options(num_cpus=1, num_gpus=0.5, scheduling_strategy=on_gpu).remote()
     try:
         ray.get(engine.start.remote(gpu_model_dir, dtype), timeout=600)
-        plan = SyncPlan.build(ray.get(engine.regions.remote()), 64 << 20).to_plain()
+        plan = SyncPlan.build(ray.get(engine.regions.remote()), 64 << 20)
         ray.get(trainer.set_plan.remote(plan))
         ray.get(engine.open_ipc.remote(plan, ray.get(trainer.ipc_handle.remote())))  # once
 

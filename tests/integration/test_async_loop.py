@@ -6,10 +6,7 @@ import json
 import pytest
 
 from tests.conftest import compose
-
-
-def _rows(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import metric_rows as _rows
 
 
 @pytest.mark.parametrize("engine,eta", [("hf", 0), ("hf", 2), pytest.param("vllm", 2, marks=pytest.mark.vllm)])

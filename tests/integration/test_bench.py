@@ -51,7 +51,7 @@ def test_pipeline_bench_tiny(tmp_path, ray_local, tiny_model_dir):
         # each publish's transfer lies inside its idle window (admission paused), so the medians are ordered too
         assert run["time_median_s"]["time/publish_idle_s"] >= run["time_median_s"]["time/weight_sync_s"]
         assert all(_positive(v) for v in run["time_median_s"].values()), run["time_median_s"]
-        # DESIGN.md section 7: tokens of the trajectories trained on / wall time of training
+        # docs/design.md section 7: tokens of the trajectories trained on / wall time of training
         assert run["effective_tokens_per_s"] == pytest.approx(run["consumed_tokens"] / run["train_time_s"], rel=1e-6)
         assert 1 <= run["response_len_mean"] <= 16  # forced lengths, clipped to [1, max]
     assert systems["tether_sync"]["staleness_lag_max"] == 0 and systems["tether_async"]["staleness_lag_max"] <= 4

@@ -8,12 +8,9 @@ import json
 import pytest
 
 from tests.conftest import compose
+from tests.helpers import metric_rows as _rows
 
 TURNS = 3
-
-
-def _rows(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])

@@ -14,16 +14,12 @@ import pytest
 import ray
 
 from tests.conftest import compose
+from tests.helpers import metric_rows as _rows
 
 COMMON = ["model=tiny", "rollout.engine=hf", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
           "rollout.max_new_tokens=8", "rewards.num_workers=1", "task.num_eval=4", "eval.max_new_tokens=4",
           "trainer.batch_size=8", "trainer.group_size=4", "trainer.micro_batch_size=4",
           "logger.wandb.mode=disabled", "logger.progress=false", "checkpoint.export_hf=false"]
-
-
-def _rows(out):
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _actor(name, deadline):
@@ -185,10 +181,11 @@ def _trainer_with_unshared_output(mode):
 ])
 def test_output_dir_the_trainer_cannot_share_stops_the_run_at_start(tmp_path, ray_local, tiny_model_dir, monkeypatch,
                                                                     mode, message):
+    import trainer.fleet
     import trainer.loop
     from configs.schema import ConfigError
 
-    monkeypatch.setattr(trainer.loop, "TrainerWorker", _trainer_with_unshared_output(mode))
+    monkeypatch.setattr(trainer.fleet, "TrainerWorker", _trainer_with_unshared_output(mode))
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=message) as info:
         trainer.loop.run(compose([*COMMON, "trainer.max_steps=2", f"output_dir={out}"]))
@@ -198,7 +195,7 @@ def test_output_dir_the_trainer_cannot_share_stops_the_run_at_start(tmp_path, ra
 
 
 def test_hung_weight_sync_peer_fails_within_the_timeout_naming_it(tmp_path, ray_local, tiny_model_dir):
-    from trainer.fleet import WeightSyncTimeout
+    from trainer.publish import WeightSyncTimeout
 
     out = tmp_path / "run"
     run_id = str(out.resolve())

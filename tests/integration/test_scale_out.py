@@ -10,6 +10,7 @@ import torch
 
 from rollout.trajectory import Trajectory
 from tests.conftest import compose
+from weight_sync.messages import GroupAddress
 
 COMMON = ["model=tiny", "rollout.engine=hf", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
           "rollout.max_new_tokens=8", "rewards.num_workers=1", "task.num_eval=4", "eval.max_new_tokens=4",
@@ -56,7 +57,7 @@ def test_two_fsdp_workers_match_one(tmp_path, ray_local, tiny_model_dir, num_min
     actor = ray.remote(TrainerWorker).options(num_cpus=0.5)
     ranks = [actor.remote(cfg2, tiny_model_dir, r, 2) for r in range(2)]
     host, port = ray.get(ranks[0].sync_address.remote())
-    ray.get([r.init_group.remote(host, port, "gloo") for r in ranks])
+    ray.get([r.init_group.remote(GroupAddress(host, port, 2, "gloo", 60.0)) for r in ranks])
     metrics = ray.get([r.train_step.remote(batch) for r in ranks])
     ray.get([r.export_hf.remote(str(tmp_path / "two"), tiny_model_dir) for r in ranks])
     for r in ranks:
@@ -92,21 +93,23 @@ def test_lora_trains_adapters_only_and_merges(tmp_path, tiny_model_dir):
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert moved and all(".lora_" in n for n in moved)
     assert any(".lora_B." in n for n in moved) and all(p.requires_grad == (".lora_" in n) for n, p in after.items())
-    assert sum(s.numel() for g in trainer.optimizer.param_groups for s in g["params"]) == \
+    assert sum(s.numel() for g in trainer.step.optimizer.param_groups for s in g["params"]) == \
         sum(p.numel() for n, p in after.items() if ".lora_" in n)
 
     # what the engines receive: base + (alpha / r) * B @ A, under the base model's names
-    merged = dict(trainer._named_for_engine())
+    from trainer.state import full_weights
+
+    merged = dict(full_weights(trainer.step))
     q = "model.layers.0.self_attn.q_proj"
     base = after[f"base_model.model.{q}.base_layer.weight"]
     delta = 2.0 * after[f"base_model.model.{q}.lora_B.default.weight"] @ after[f"base_model.model.{q}.lora_A.default.weight"]
     torch.testing.assert_close(merged[f"{q}.weight"], base + delta)
     assert not torch.equal(merged[f"{q}.weight"], base)
     # the publisher fills a plan over the base names with the merged weights (streamed: no static sources)
-    from rollout.weight_sync import SyncPlan, whole_tensor_regions
+    from weight_sync.plan import SyncPlan, whole_tensor_regions
 
-    trainer.set_sync_plan(SyncPlan.build(whole_tensor_regions(merged.items()), 1 << 20).to_plain())
-    assert trainer.publisher.static is None and trainer.publish_ipc()["bytes"] == trainer.publisher.plan.nbytes
+    trainer.set_sync_plan(SyncPlan.build(whole_tensor_regions(merged.items()), 1 << 20))
+    assert trainer.publisher.static is None and trainer.publish_ipc().nbytes == trainer.publisher.plan.nbytes
     region = next(r for r in trainer.publisher.plan.regions if r.param == f"{q}.weight")
     assert torch.equal(region.view(trainer.publisher.flat), merged[f"{q}.weight"])
 

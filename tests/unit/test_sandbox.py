@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -162,21 +163,57 @@ for path in paths:
 """
 
 
+def _world_readable_file(base, prefix: str, name: str, text: str) -> tuple[str, str]:
+    """(its directory, the file): a file anyone may read, in a fresh directory anyone may enter under `base`."""
+    top = tempfile.mkdtemp(prefix=prefix, dir=base)
+    os.chmod(top, 0o755)
+    path = os.path.join(top, name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o644)
+    return top, path
+
+
 @pytest.fixture
 def outside_file():
     """A world-readable file outside the sandbox (a private uid could read it without a private root)."""
-    top = tempfile.mkdtemp(prefix="tether-outside-", dir="/tmp")
-    os.chmod(top, 0o755)
-    path = os.path.join(top, "secret.txt")
-    with open(path, "w") as f:
-        f.write("outside")
-    os.chmod(path, 0o644)
+    top, path = _world_readable_file("/tmp", "tether-outside-", "secret.txt", "outside")
     yield path
     shutil.rmtree(top)
 
 
-def _explore(outside: str, walk: bool = True) -> tuple[sandbox.SandboxResult, set[str], dict[str, str]]:
-    targets = [outside, "/etc/passwd", str(REPO / "README.md"), str(REPO / "rewards" / "sandbox.py"), sys.executable]
+# what the sandbox covers with its private tmpfs whenever it has a mount namespace, private root or not
+PRIVATE_MOUNTS = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"))
+
+
+def _under_private_mount(path: Path) -> bool:
+    path = path.resolve()
+    return any(path == top or top in path.parents for top in PRIVATE_MOUNTS)
+
+
+@pytest.fixture
+def host_file():
+    """A world-readable file of the host's tree outside the private /tmp, /var/tmp and /dev/shm: without
+    a private root the sandboxed code can read it. Made here rather than taken from the repository,
+    which may itself lie under /tmp (a clone there is covered by the private /tmp)."""
+    as_root = os.geteuid() == 0  # the code then runs as a private uid: every directory above must let others through
+    for base in (Path.home(), Path("/var/lib"), Path("/opt")):
+        base = base.resolve()
+        if _under_private_mount(base) or not os.access(base, os.W_OK | os.X_OK):
+            continue
+        if as_root and not all(d.stat().st_mode & stat.S_IXOTH for d in (base, *base.parents)):
+            continue
+        top, path = _world_readable_file(base, "tether-host-", "host.txt", "host")
+        yield path
+        shutil.rmtree(top)
+        return
+    pytest.skip("no writable directory outside /tmp, /var/tmp and /dev/shm that the sandbox's uid can reach")
+
+
+def _explore(outside: str, walk: bool = True, extra: tuple[str, ...] = ()) -> tuple[sandbox.SandboxResult, set[str],
+                                                                                    dict[str, str]]:
+    targets = [outside, "/etc/passwd", str(REPO / "README.md"), str(REPO / "rewards" / "sandbox.py"), sys.executable,
+               *extra]
     r = run_python(_EXPLORE, stdin="\n".join(["walk" if walk else "no-walk", *targets]))
     assert r.returncode == 0, r.stderr
     seen = {line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("seen ")}
@@ -195,7 +232,7 @@ def test_the_private_root_hides_the_hosts_files(outside_file):
     assert set(outcome.values()) == {"refused"} and len(outcome) == 5, outcome
     # the whole tree: the plan's paths (the interpreter, its libraries, a few devices), their parent
     # directories, the standard library's directories (not descended into) and the private /tmp
-    plan, _ = sandbox._root_plan(sandbox._sandbox_python(os.geteuid() == 0))
+    plan, _ = sandbox.root_plan(sandbox.sandbox_python(os.geteuid() == 0))
     allowed = {path for _, path, _ in plan}
     parents = {str(parent) for path in allowed for parent in Path(path).parents}
     private = {"/tmp", "/var", "/var/tmp", "/dev/shm"}
@@ -210,21 +247,24 @@ def test_the_private_root_hides_the_hosts_files(outside_file):
     assert run_python(code).stdout == "42\n"
 
 
-def test_without_a_private_root_a_warning_is_logged_once_and_runs_go_on(monkeypatch, caplog, outside_file):
-    python = sandbox._sandbox_python(os.geteuid() == 0)
-    plan, _ = sandbox._root_plan(python)
+def test_without_a_private_root_a_warning_is_logged_once_and_runs_go_on(monkeypatch, caplog, outside_file, host_file):
+    python = sandbox.sandbox_python(os.geteuid() == 0)
+    plan, _ = sandbox.root_plan(python)
     if plan is None or not run_python("").private_root:
         pytest.skip("no private root on this machine to take away")
     # a real failure inside the launcher: a bind mount of a path that does not exist
     broken = [("file", "/nonexistent-tether-path/lib.so", ""), *plan]
-    monkeypatch.setattr(sandbox, "_root_plan", lambda _: (broken, None))
+    monkeypatch.setattr(sandbox, "root_plan", lambda _: (broken, None))
     monkeypatch.setattr(sandbox, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="rewards.sandbox"):
-        runs = [_explore(outside_file, walk=False) for _ in range(2)]
+        runs = [_explore(outside_file, walk=False, extra=(host_file,)) for _ in range(2)]
+    readme = str(REPO / "README.md")
     for r, _, outcome in runs:
         assert not r.private_root and r.private_tmp  # /tmp is still private; the rest is the host's tree
-        assert outcome["/etc/passwd"] == outcome[str(REPO / "README.md")] == "read"
+        assert outcome["/etc/passwd"] == outcome[host_file] == "read"
         assert outcome[outside_file] == "refused"  # under /tmp, which the private tmpfs covers
+        # the project's files likewise, unless the repository itself lies under one of the private mounts
+        assert outcome[readme] == ("refused" if _under_private_mount(REPO) else "read")
     warnings = [rec.getMessage() for rec in caplog.records if "private root not set up" in rec.getMessage()]
     assert len(warnings) == 1 and "/nonexistent-tether-path" in warnings[0], warnings
 

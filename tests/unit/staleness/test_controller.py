@@ -1,4 +1,4 @@
-"""The admission rule of DESIGN.md section 5 and the accounting identity."""
+"""The admission rule of docs/design.md section 5 and the accounting identity."""
 
 import pytest
 

@@ -4,11 +4,7 @@ import asyncio
 
 from rollout.trajectory import Trajectory
 from staleness.service import StalenessService
-
-
-def _group(ticket, n):
-    return [Trajectory(f"{ticket['seq']}-{k}", ticket["prompt_index"], str(ticket["seq"]), [1], [2], [0.0], [0],
-                       ticket["version"]) for k in range(n)]
+from tests.helpers import ticket_group as _group
 
 
 def test_consumed_episodes_are_counted_and_survive_a_restore():

@@ -2,13 +2,8 @@
 
 import asyncio
 
-from rollout.trajectory import Trajectory
 from staleness.service import StalenessService
-
-
-def _group(ticket, n):
-    return [Trajectory(f"{ticket['seq']}-{k}", ticket["prompt_index"], str(ticket["seq"]), [1], [2], [0.0], [0],
-                       ticket["version"]) for k in range(n)]
+from tests.helpers import ticket_group as _group
 
 
 def test_restore_requeues_outstanding_prompts_and_keeps_the_identity():

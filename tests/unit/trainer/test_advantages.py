@@ -1,4 +1,4 @@
-"""Group advantages and the EWMA normaliser of trainer/advantages.py (DESIGN.md sections 3 and 4)."""
+"""Group advantages and the EWMA normaliser of trainer/advantages.py (docs/design.md sections 3 and 4)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Batch-size-invariance rules and the parameter EWMA of trainer/invariance.py (DESIGN.md section 4)."""
+"""Batch-size-invariance rules and the parameter EWMA of trainer/invariance.py (docs/design.md section 4)."""
 
 import dataclasses
 import math

@@ -7,17 +7,12 @@ import pytest
 import torch
 
 from rollout.trajectory import Trajectory
-from tests.conftest import compose
+from tests.helpers import gradient_of_step, policy_step
 
 
 def _trainer(tiny_model_dir, tmp_path, *overrides):
-    from trainer.worker import TrainerWorker
-
-    cfg = compose(["model=tiny", f"output_dir={tmp_path}", "trainer.batch_size=2", "trainer.group_size=2",
-                   "trainer.grad_clip=1e9", "trainer.micro_batch_size=1", *overrides], cluster_gpus=0)
-    trainer = TrainerWorker(cfg, tiny_model_dir)
-    trainer.optimizer.step = lambda: None  # keep the weights: every step starts from the same point
-    return trainer
+    return policy_step(tiny_model_dir, tmp_path, "trainer.batch_size=2", "trainer.group_size=2", "trainer.grad_clip=1e9",
+                       "trainer.micro_batch_size=1", *overrides)
 
 
 def _episodes():
@@ -35,9 +30,7 @@ def _episodes():
 
 
 def _grad(trainer, trajs):
-    trainer.optimizer.zero_grad(set_to_none=False)
-    metrics = trainer.train_step(copy.deepcopy(trajs))
-    return torch.cat([p.grad.flatten().clone() for p in trainer.model.parameters()]), metrics
+    return gradient_of_step(trainer, copy.deepcopy(trajs))  # the weights stay: every step starts from the same point
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])

@@ -1,4 +1,4 @@
-"""Decoupled PPO, aggregation, KL estimators and log-prob helpers of trainer/losses.py (DESIGN.md section 3)."""
+"""Decoupled PPO, aggregation, KL estimators and log-prob helpers of trainer/losses.py (docs/design.md section 3)."""
 
 import math
 
@@ -162,7 +162,7 @@ def test_bad_cap_mode():
         _call(logp, prox, behav, adv, mask, cap_mode="drop")
 
 
-# ---- micro-batch / grad-accumulation / data-parallel invariance (DESIGN.md section 3, "Aggregation") ----
+# ---- micro-batch / grad-accumulation / data-parallel invariance (docs/design.md section 3, "Aggregation") ----
 
 V, H, B, T_MAX = 11, 6, 5, 7
 LENGTHS = [7, 2, 5, 1, 4]
@@ -268,11 +268,11 @@ def test_k3_is_bounded_at_extreme_gaps_and_unchanged_near_the_reference():
     assert grad[2:5].tolist() == [0.0, 0.0, 0.0]
     # bf16 too: finite everywhere (e^20 fits bf16's range)
     assert torch.isfinite(kl_penalty(logp.detach().bfloat16(), logp_ref.bfloat16(), "k3")).all()
-    # the largest gradient any token can get is where k3 reaches the bound: r ~ 2.53, |1 - e^r| < 12.6
+    # the largest gradient any token can get is where k3 reaches the bound: r = 2.6109, |1 - e^r| = 12.611
     r = torch.linspace(-40, 40, 8001, dtype=torch.float64)
     lp = (-r).requires_grad_(True)
     kl_penalty(lp, torch.zeros_like(lp), "k3").sum().backward()
-    assert lp.grad.abs().max() < 12.6
+    assert lp.grad.abs().max() <= 12.62
 
 
 def test_token_logprobs_hand_values_and_temperature():

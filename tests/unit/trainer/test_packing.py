@@ -4,37 +4,17 @@ path: same log-probs, entropy and gradient; micro-batches by a token budget, bal
 import pytest
 import torch
 
-from rollout.trajectory import Trajectory
-from tests.conftest import compose
+from tests.helpers import gradient_of_step, long_tail_batch, policy_step
 from trainer.packing import pack, per_trajectory, plan_micro_batches
 
 
 def _trainer(tiny_model_dir, tmp_path, *overrides):
-    from trainer.worker import TrainerWorker
-
-    cfg = compose(["model=tiny", f"output_dir={tmp_path}", "trainer.lr=1e-3", "trainer.batch_size=6",
-                   "trainer.group_size=3", "trainer.grad_clip=1e9", *overrides], cluster_gpus=0)
-    return TrainerWorker(cfg, tiny_model_dir)
+    return policy_step(tiny_model_dir, tmp_path, "trainer.lr=1e-3", "trainer.batch_size=6", "trainer.group_size=3",
+                       "trainer.grad_clip=1e9", *overrides)
 
 
-def _batch():
-    """Two groups of three with long-tail response lengths (1 to 40 tokens) and different prompts."""
-    g = torch.Generator().manual_seed(11)
-    trajs = []
-    for group, lengths in enumerate(([1, 7, 40], [3, 25, 2])):
-        prompt = torch.randint(5, 500, (4 + 5 * group,), generator=g).tolist()
-        for k, n in enumerate(lengths):
-            resp = torch.randint(5, 500, (n,), generator=g).tolist()
-            behav = (-9.0 - torch.rand(n, generator=g)).tolist()
-            trajs.append(Trajectory(f"{group}-{k}", group, str(group), prompt, resp, behav, [0] * n, 0,
-                                    reward=float(k == group)))
-    return trajs
-
-
-def _grad(trainer, batch):
-    trainer.optimizer.step = lambda: None  # compare the gradient, not Adam's normalised step
-    metrics = trainer.train_step(batch)
-    return torch.cat([p.grad.flatten() for p in trainer.model.parameters()]), metrics
+_batch = long_tail_batch
+_grad = gradient_of_step
 
 
 def test_packed_logprobs_and_entropy_equal_the_padded_path(tiny_model_dir, tmp_path):
@@ -42,9 +22,9 @@ def test_packed_logprobs_and_entropy_equal_the_padded_path(tiny_model_dir, tmp_p
     values = {}
     for packed in (True, False):
         t = _trainer(tiny_model_dir, tmp_path, f"trainer.pack_sequences={str(packed).lower()}")
-        tb = t._batch_tensors(batch)
+        tb = t.tensors(batch)
         with torch.no_grad():
-            logp, entropy = t._logprobs(tb, True)
+            logp, entropy = t.logprobs(tb, with_entropy=True)
         values[packed] = (per_trajectory(logp, batch, tb), per_trajectory(entropy, batch, tb))
     for (lp_a, en_a), (lp_b, en_b) in [(values[True], values[False])]:
         for a, b in zip(lp_a + en_a, lp_b + en_b):

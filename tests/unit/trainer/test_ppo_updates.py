@@ -1,23 +1,16 @@
 """Several PPO updates per batch (trainer.num_minibatches, trainer.ppo_epochs), dropout in the no-grad
 passes, masked truncations and skipped steps, on real trainer steps of the tiny model."""
 
-import hashlib
-
 import pytest
 import torch
 
 from rollout.trajectory import Trajectory
-from tests.conftest import compose
-from trainer.packing import per_trajectory
+from tests.helpers import gradient_of_step, on_policy, policy_step
 
 
 def _trainer(tiny_model_dir, tmp_path, *overrides):
-    from trainer.worker import TrainerWorker
-
-    cfg = compose(["model=tiny", f"output_dir={tmp_path}", "trainer.lr=1e-3", "trainer.batch_size=8",
-                   "trainer.group_size=4", "trainer.micro_batch_size=3", "algorithm.advantage=dr_grpo", *overrides],
-                  cluster_gpus=0)
-    return TrainerWorker(cfg, tiny_model_dir)
+    return policy_step(tiny_model_dir, tmp_path, "trainer.lr=1e-3", "trainer.batch_size=8", "trainer.group_size=4",
+                       "trainer.micro_batch_size=3", "algorithm.advantage=dr_grpo", *overrides)
 
 
 def _batch(groups=2, finish_reason="stop"):
@@ -34,33 +27,56 @@ def _batch(groups=2, finish_reason="stop"):
     return trajs
 
 
-def _on_policy(trainer, trajs):
-    """Behaviour log-probs = the trainer's own at its current weights (w = 1)."""
-    tb = trainer._batch_tensors(trajs)
-    with torch.no_grad():
-        per_token = per_trajectory(trainer._logprobs(tb, False)[0], trajs, tb)
-    for t, values in zip(trajs, per_token):
-        t.logp_behav = values
-    return trajs
+_on_policy = on_policy
 
 
-def _digest(model) -> str:
-    h = hashlib.sha256()
-    for _, p in model.named_parameters():
-        h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
 
 
-def test_one_update_per_batch_reproduces_the_single_update_step_bit_for_bit(tiny_model_dir, tmp_path):
-    # K = 1: the parameters and the metrics the step produced before minibatches existed (same batch, same
-    # seed, padded micro-batches of 3), recorded from that code on this torch build
+def test_one_update_per_batch_is_the_single_update_of_the_whole_batch(tiny_model_dir, tmp_path):
+    """K = 1: the step (padded micro-batches of 3, gradients accumulated) against the same update written
+    out here on a fresh copy of the model: the whole batch in one padded pass, the loss of the decoupled
+    objective over every token, clip, AdamW. Same gradient to float noise; the same parameters to well
+    under one learning rate (Adam turns noise in near-zero gradients into steps of up to lr)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.losses import policy_loss
+    from trainer.model import token_logprobs_of
+    from trainer.packing import pad
+
     trainer = _trainer(tiny_model_dir, tmp_path, "trainer.pack_sequences=false")
-    metrics = trainer.train_step(_batch())
-    assert _digest(trainer.model) == "6454b7d9147d9fcf13bc1720a6ef43bb6f0e57ef3d10df96316b2afea06427b8"
-    assert metrics["loss/policy"] == -4.388155139167793e-05
-    assert metrics["policy/grad_norm"] == 0.0063041988760232925
-    assert metrics["policy/entropy"] == 10.762908458709717
+    cfg, alg = trainer.cfg, trainer.cfg.algorithm
+    batch = _batch()
+    step_grad, metrics = gradient_of_step(_trainer(tiny_model_dir, tmp_path, "trainer.pack_sequences=false"), _batch())
+    trainer.train_step(batch)
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ref.train()
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=cfg.trainer.lr, betas=(cfg.trainer.adam_beta1, cfg.trainer.adam_beta2),
+                                  weight_decay=cfg.trainer.weight_decay)
+    adv = torch.tensor([t.reward for t in batch]) - 0.5  # dr_grpo: every group's rewards are 0, 1, 0, 1 (or 1, 0, 1, 0)
+    whole = pad(batch, adv, torch.device("cpu"))
+    logp, _ = token_logprobs_of(ref, whole, cfg.rollout.temperature)
+    loss, _ = policy_loss(logp, logp.detach(), whole.behav, whole.advantages, whole.mask, eps_low=alg.eps_low,
+                          eps_high=alg.eps_high, behav_weight_cap=alg.behav_weight_cap, cap_mode=alg.behav_weight_cap_mode,
+                          loss_denominator=whole.mask.sum().item())
+    loss.backward()
+    ref_grad = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.trainer.grad_clip).item()
+    optimizer.step()
+
+    torch.testing.assert_close(step_grad, ref_grad, rtol=1e-5, atol=1e-6 * ref_grad.abs().max().item())
+    assert ref_grad.abs().max() > 0
     assert metrics["train/updates"] == 1
+    assert metrics["loss/policy"] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics["policy/grad_norm"] == pytest.approx(norm, rel=1e-5)
+    initial = _params(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
+    moved = 0.0
+    for ours, theirs, start in zip(trainer.model.parameters(), ref.parameters(), initial):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=0.05 * cfg.trainer.lr)
+        moved = max(moved, (theirs.detach() - start).abs().max().item())
+    assert moved > 0.5 * cfg.trainer.lr  # the update did move the weights, by about lr
 
 
 def test_with_one_update_and_recompute_the_clip_never_acts(tiny_model_dir, tmp_path):
@@ -80,15 +96,15 @@ def test_second_minibatch_sees_u_not_one_and_the_clip_acts_where_the_numbers_say
     batch = _on_policy(two, _batch())
     group1 = batch[4:]
     adv = torch.tensor([t.reward for t in group1]) - 0.5  # dr_grpo: group 1's rewards 1, 0, 1, 0, mean 0.5
-    tb1 = two._batch_tensors(group1, adv)
+    tb1 = two.tensors(group1, adv)
     with torch.no_grad():
-        prox1 = two._logprobs(tb1, False)[0]  # (1, R) pi_prox of the second minibatch
+        prox1 = two.logprobs(tb1)[0]  # (1, R) pi_prox of the second minibatch
     metrics = two.train_step(batch)
 
     one = _trainer(tiny_model_dir, tmp_path, "trainer.lr=3e-2", "trainer.batch_size=4")
     one.train_step([Trajectory(**{**t.__dict__}) for t in batch[:4]])
     with torch.no_grad():
-        theta1 = one._logprobs(tb1, False)[0]  # (1, R) pi_theta after the first update
+        theta1 = one.logprobs(tb1)[0]  # (1, R) pi_theta after the first update
     mask = tb1.mask > 0
     u = (theta1 - prox1).exp()
     a = tb1.advantages  # each token's sequence advantage
@@ -128,11 +144,11 @@ def test_no_grad_passes_run_without_dropout(tiny_model_dir, tmp_path):
     trainer = _trainer(tiny_model_dir, tmp_path, "model.lora.rank=4", "model.lora.dropout=0.3",
                        "trainer.disable_dropout=false", "algorithm.kl_coef=0.1")
     _train_adapters(trainer)
-    tensors = [trainer._batch_tensors(_batch())]
-    first = trainer._proximal_logprobs(tensors)[0]
-    second = trainer._proximal_logprobs(tensors)[0]
+    tensors = [trainer.tensors(_batch())]
+    first = trainer.proximal_logprobs(tensors)[0]
+    second = trainer.proximal_logprobs(tensors)[0]
     assert torch.equal(first, second)
-    assert torch.equal(trainer._reference_logprobs(tensors[0]), trainer._reference_logprobs(tensors[0]))
+    assert torch.equal(trainer.reference_logprobs(tensors[0]), trainer.reference_logprobs(tensors[0]))
     assert trainer.model.training  # back in train mode for the gradient pass
 
 
@@ -154,13 +170,13 @@ def test_a_skipped_step_does_not_move_the_advantage_statistics(tiny_model_dir, t
 
 
 def test_truncated_responses_get_no_loss_with_mask_truncated(tiny_model_dir, tmp_path):
-    before = _digest(_trainer(tiny_model_dir, tmp_path).model)
     trainer = _trainer(tiny_model_dir, tmp_path, "algorithm.mask_truncated=true")
+    before = _params(trainer.model)
     metrics = trainer.train_step(_batch(finish_reason="length"))
     # every response was cut at the limit: no update at all, the rewards still in the metrics
     assert metrics["train/updates"] == 0 and metrics["train/active_frac"] == 0
     assert metrics["reward/mean"] == 0.5 and metrics["rollout/truncated_frac"] == 1.0
-    assert _digest(trainer.model) == before
+    assert all(torch.equal(a, b) for a, b in zip(_params(trainer.model), before))
 
     # one truncated response among finished ones: it adds no loss and leaves the token-mean denominator.
     # Reference: the same batch unmasked with that response's advantage forced to 0 (no loss, but its
@@ -172,7 +188,7 @@ def test_truncated_responses_get_no_loss_with_mask_truncated(tiny_model_dir, tmp
         if masked:
             batch[0].finish_reason = "length"
         else:
-            compute = t._advantages
+            compute = t.advantages
 
             def zero_first(trajs, baselines, compute=compute):
                 adv, norm = compute(trajs, baselines)
@@ -180,10 +196,8 @@ def test_truncated_responses_get_no_loss_with_mask_truncated(tiny_model_dir, tmp
                 adv[0] = 0.0
                 return adv, norm
 
-            t._advantages = zero_first
-        t.optimizer.step = lambda: None
-        t.train_step(batch)
-        grads.append(torch.cat([p.grad.flatten() for p in t.model.parameters()]))
+            t.advantages = zero_first
+        grads.append(gradient_of_step(t, batch)[0])
     tokens = [len(t.response_ids) for t in _batch()]
     scale = sum(tokens) / (sum(tokens) - tokens[0])
     torch.testing.assert_close(grads[0], grads[1] * scale, rtol=1e-5, atol=1e-7)

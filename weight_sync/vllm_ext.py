@@ -1,13 +1,15 @@
-"""vLLM worker extension: weight sync into a running engine (DESIGN.md section 6).
+"""vLLM worker extension: weight sync into a running engine (docs/design.md section 6).
 
 vLLM mixes `WeightSyncExtension` into its worker class (`worker_extension_cls`), so these
 methods run inside every vLLM worker process and are reached with
 `AsyncLLM.collective_rpc("tether_...")`. The `tether_` prefix keeps them clear of the
 worker's own attributes (vLLM refuses an extension that shadows one).
 
-At setup each worker reports its regions of the weight-sync plan (`rollout/vllm_layout.py`:
-vLLM's parameter names, fused q/k/v and gate/up, vocabulary padding, its tensor-parallel shard),
-then receives the agreed plan and builds its `Receiver` once. A publish is one RPC:
+At setup each worker reports its regions of the weight-sync plan (`vllm_layout.py`: vLLM's
+parameter names, fused q/k/v and gate/up, vocabulary padding, its tensor-parallel shard), then
+receives the agreed plan and builds its `Receiver` once. Regions, plan and group address cross
+`collective_rpc` as plain lists and dicts (messages.py says why); the methods here decode them on
+arrival. A publish is one RPC:
 
 * GPU (vLLM 0.24): each bucket is received into a persistent buffer and copied straight into
   the parameters' storage (one `torch._foreach_copy_` per bucket through views computed at
@@ -40,7 +42,10 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from rollout.weight_sync import Receiver, SyncPlan, fingerprint, make_group, open_ipc, region_to_plain, warm_up
+from weight_sync.messages import address_from_rpc, plan_from_rpc, regions_to_rpc
+from weight_sync.plan import SyncPlan
+from weight_sync.receive import Receiver, fingerprint
+from weight_sync.transport import make_group, open_ipc, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +161,18 @@ class WeightSyncExtension:
         return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
     def tether_sync_regions(self) -> list:
-        """This worker's regions of the weight-sync plan (plain lists, see weight_sync.region_to_plain)."""
+        """This worker's regions of the weight-sync plan (`messages.regions_to_rpc`)."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        from rollout.vllm_layout import regions_of
+        from weight_sync.vllm_layout import regions_of
 
         quantized = self.vllm_config.model_config.quantization is not None
-        regions = regions_of(self._tether_model(), get_tensor_model_parallel_rank(), quantized)
-        return [region_to_plain(r) for r in regions]
+        return regions_to_rpc(regions_of(self._tether_model(), get_tensor_model_parallel_rank(), quantized))
 
-    def _tether_receiver(self, plan: dict, device: torch.device) -> Receiver:
+    def _tether_receiver(self, plan: SyncPlan, device: torch.device) -> Receiver:
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-        plan, tp_rank, model = SyncPlan.from_plain(plan), get_tensor_model_parallel_rank(), self._tether_model()
+        tp_rank, model = get_tensor_model_parallel_rank(), self._tether_model()
         missing = {n for n, _ in model.named_parameters()} - {r.param for r in plan.regions}
         if missing:
             raise RuntimeError(f"the weight-sync plan leaves vLLM parameters {sorted(missing)[:5]} unfilled")
@@ -183,27 +187,28 @@ class WeightSyncExtension:
                                "reloads full tensors through the model's loaders, which shard them themselves")
         return Receiver(plan, tp_rank, device)  # staged whole, for the reload
 
-    def tether_init_weight_sync(
-        self, plan: dict, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
-    ) -> int:
-        """Build the receiver for `plan`, join the weight-sync group as rank `rank + tp_rank`; returns the rank taken."""
+    def tether_init_weight_sync(self, plan: dict, address: dict, rank: int) -> int:
+        """Build the receiver for `plan`, join the weight-sync group at `address` as rank `rank + tp_rank`
+        (both `messages.*_to_rpc`); returns the rank taken."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        my_rank = rank + get_tensor_model_parallel_rank()
+        address, my_rank = address_from_rpc(address), rank + get_tensor_model_parallel_rank()
         # gloo moves host tensors; NCCL needs them on this worker's GPU
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self._tether_recv = self._tether_receiver(plan, device)
-        self._tether_group = make_group(backend, host, port, my_rank, world_size, timeout_s)
+        device = torch.device("cuda", torch.cuda.current_device()) if address.backend == "nccl" else torch.device("cpu")
+        self._tether_recv = self._tether_receiver(plan_from_rpc(plan), device)
+        self._tether_group = make_group(address, my_rank)
         self._tether_ipc = False
         warm_up(self._tether_group, device)
-        log.info("vLLM worker joined the weight-sync group as rank %d/%d (%s)", my_rank, world_size, backend)
+        log.info("vLLM worker joined the weight-sync group as rank %d/%d (%s)", my_rank, address.world_size,
+                 address.backend)
         return my_rank
 
     def tether_init_weight_sync_ipc(self, plan: dict, handle: bytes) -> None:
         """Colocated: open the trainer's flat buffer once (CUDA IPC); every publish copies out of it."""
         if _on_cpu():
             raise RuntimeError("weight_sync.backend=ipc needs the engine on a GPU")
-        self._tether_recv = self._tether_receiver(plan, torch.device("cuda", torch.cuda.current_device()))
+        device = torch.device("cuda", torch.cuda.current_device())
+        self._tether_recv = self._tether_receiver(plan_from_rpc(plan), device)
         self._tether_recv.attach_ipc(open_ipc(handle))
         self._tether_ipc = True
 
@@ -226,7 +231,7 @@ class WeightSyncExtension:
         return time.perf_counter() - t0
 
     def tether_fingerprint(self) -> str:
-        """`weight_sync.fingerprint` of what this worker computes with.
+        """`receive.fingerprint` of what this worker computes with.
 
         Covers: every parameter of the vLLM model that still holds data (embedding and
         tied LM head once, norms, and on GPU every fused qkv / gate_up / o / down weight,

@@ -1,6 +1,7 @@
-"""The weight-sync plan (rollout/weight_sync.py), the trainer's publisher (trainer/publisher.py) and the
-engine's receiver, over a real gloo group; the vLLM layout rules (rollout/vllm_layout.py) checked
-against vLLM's own weight loaders for tensor-parallel ranks that cannot run here."""
+"""The weight-sync plan (weight_sync/plan.py), the trainer's publisher (weight_sync/send.py) and the
+engine's receiver (weight_sync/receive.py), over a real gloo group; the vLLM layout rules
+(weight_sync/vllm_layout.py) checked against vLLM's own weight loaders for tensor-parallel ranks that
+cannot run here."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from unittest import mock
 import pytest
 import torch
 
-from rollout.weight_sync import (ALIGN, Piece, Receiver, Region, SyncPlan, fingerprint, make_group, merge_tp_regions,
-                                 warm_up, whole_tensor_regions)
-from trainer.publisher import Publisher
+from weight_sync.messages import (GroupAddress, SendReport, address_from_rpc, address_to_rpc, plan_from_rpc,
+                                  plan_to_rpc, regions_from_rpc, regions_to_rpc)
+from weight_sync.plan import ALIGN, Piece, Region, SyncPlan, merge_tp_regions, whole_tensor_regions
+from weight_sync.receive import Receiver, fingerprint
+from weight_sync.send import Publisher
+from weight_sync.transport import make_group, warm_up
 
 
 def _port() -> int:
@@ -45,8 +49,25 @@ def test_plan_aligns_regions_cuts_buckets_and_round_trips():
     assert plan.nbytes == ALIGN + 1024 and plan.bucket_bytes == 512
     assert plan.buckets == [(0, 512), (512, 1024), (1024, 1280)]
     assert list(plan.bucket_span(plan.regions[1])) == [0, 1, 2]  # bytes 256..1056
-    assert SyncPlan.from_plain(plan.to_plain()) == plan
+    assert plan_from_rpc(plan_to_rpc(plan)) == plan  # as it crosses vLLM's RPC
     assert SyncPlan.build(regions, 700) == plan  # an empty region (a rank with only padding rows) is left out
+
+
+def test_messages_cross_vllm_rpc_as_plain_values_and_back():
+    """vLLM's RPC carries only plain values: what the codec makes of a message is lists, dicts, str,
+    int, float and None, and decoding it gives the message back."""
+    def plain(x) -> bool:
+        if isinstance(x, (list, dict)):
+            return all(plain(v) for v in (x.values() if isinstance(x, dict) else x))
+        return x is None or isinstance(x, (str, int, float))
+
+    regions = [Region("qkv", 1, (6, 4), "bfloat16", (Piece("q", 0, 2, 0, 2), Piece("k", 0, 0, 2, 4)), 512),
+               Region("norm", 0, (4,), "float32", (Piece("norm", None),), 0)]
+    address = GroupAddress("10.0.0.1", 29500, 3, "nccl", 60.0)
+    for encoded in (regions_to_rpc(regions), address_to_rpc(address)):
+        assert plain(encoded), encoded
+    assert regions_from_rpc(regions_to_rpc(regions)) == regions
+    assert address_from_rpc(address_to_rpc(address)) == address
 
 
 def test_merge_tp_regions_interleaves_ranks_by_parameter():
@@ -71,24 +92,24 @@ def test_publisher_rejects_a_plan_that_does_not_match_the_model():
 # ---- publisher -> gloo broadcast -> receiver ----------------------------------------------
 def _run_group(publisher: Publisher, receivers: list[Receiver], publishes: int) -> None:
     """The publisher (rank 0) and each receiver (ranks 1..) in threads of this process, over gloo."""
-    port, world = _port(), 1 + len(receivers)
+    address = GroupAddress("127.0.0.1", _port(), 1 + len(receivers), "gloo", 60.0)
     errors = []
 
     def member(rank: int) -> None:
         try:
             if rank == 0:
-                publisher.join("127.0.0.1", port, world, "gloo", 60.0)
+                publisher.join(address)
                 for _ in range(publishes):
-                    publisher.publish()
+                    assert publisher.publish() == SendReport(publisher.plan.nbytes, mock.ANY)
             else:
-                group = make_group("gloo", "127.0.0.1", port, rank, world, 60.0)
+                group = make_group(address, rank)
                 warm_up(group, torch.device("cpu"))
                 for _ in range(publishes):
                     receivers[rank - 1].receive(group)
         except Exception as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 
-    threads = [threading.Thread(target=member, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=member, args=(r,)) for r in range(address.world_size)]
     for t in threads:
         t.start()
     for t in threads:
@@ -109,7 +130,7 @@ def test_publish_fills_every_engine_parameter_exactly(streamed):
     assert [r.offset for r in plan.regions] == [0, 1024, 1280, 1536] and len(plan.buckets) == 4
     pub = Publisher(lambda: iter(trainer.items()), {n: t.shape for n, t in trainer.items()},
                     None if streamed else trainer, 0, torch.device("cpu"))
-    pub.set_plan(plan.to_plain())
+    pub.set_plan(plan)
     recv = Receiver(plan, 0, "cpu", engine)
     _run_group(pub, [recv], publishes=1)
     for n, t in trainer.items():
@@ -207,7 +228,7 @@ def _load_like_vllm(model: torch.nn.Module, ckpt: dict[str, torch.Tensor]) -> No
 @pytest.mark.parametrize("tp_size", [1, 2, 4])  # 4 ranks > 1 kv head: each kv head on several ranks
 def test_vllm_rules_reproduce_vllm_loaders_for_every_tp_rank(tp_size):
     pytest.importorskip("vllm", exc_type=ImportError)
-    from rollout.vllm_layout import regions_of
+    from weight_sync.vllm_layout import regions_of
 
     ckpt = _checkpoint()
     oracles = [_toy_vllm_model(r, tp_size) for r in range(tp_size)]

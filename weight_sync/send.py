@@ -2,11 +2,11 @@
 
     pub = Publisher(named_for_engine, shapes, static, rank, device)
     pub.set_plan(plan)           # once (every trainer rank): validate, allocate the flat buffer, build views
-    pub.join(host, port, world_size, backend, timeout_s)   # rank 0: the weight-sync group
-    pub.publish()                # fill and broadcast, bucket by bucket
+    pub.join(address)            # rank 0: the weight-sync group (a GroupAddress from the driver)
+    pub.publish()                # fill and broadcast, bucket by bucket; rank 0 returns a SendReport
     pub.pack(); pub.ipc_handle() # colocated: fill only; the engines copy out of the buffer
 
-The plan (rollout/weight_sync.py `SyncPlan`) comes from the engines: for every parameter they serve,
+The plan (plan.py `SyncPlan`) comes from the engines: for every parameter they serve,
 which of our tensors (and which slices) fill it, at which offset of the flat buffer, in which dtype.
 Rank 0 allocates the flat buffer once, in the engine dtype; a publish casts our float32 master
 weights into views of it (q/k/v and gate/up land side by side where the engine fuses them, each
@@ -35,7 +35,9 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from rollout.weight_sync import SyncPlan, ipc_handle, make_group, warm_up
+from weight_sync.messages import GroupAddress, SendReport
+from weight_sync.plan import SyncPlan
+from weight_sync.transport import ipc_handle, make_group, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,8 @@ class Publisher:
         self.group = None
 
     # ---- setup -------------------------------------------------------------------------
-    def set_plan(self, plan: dict | SyncPlan) -> None:
+    def set_plan(self, plan: SyncPlan) -> None:
         """Check the plan against our tensors, then (rank 0) allocate the flat buffer and its views."""
-        plan = SyncPlan.from_plain(plan)
         self._check(plan)
         self.plan = plan
         if self.rank != 0:
@@ -104,9 +105,9 @@ class Publisher:
             raise ValueError(f"weight sync plan: the engines fill nothing from the trainer's {sorted(unused)[:5]}; "
                              "they would keep serving their initial values (a different model architecture?)")
 
-    def join(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
+    def join(self, address: GroupAddress) -> None:
         """Rank 0 joins the weight-sync group as the broadcast root (every engine worker joins at once)."""
-        self.group = make_group(backend, host, port, 0, world_size, timeout_s)
+        self.group = make_group(address, 0)
         warm_up(self.group, self.flat.device)
 
     def ipc_handle(self) -> bytes:
@@ -114,18 +115,18 @@ class Publisher:
         return ipc_handle(self.flat)
 
     # ---- publish -----------------------------------------------------------------------
-    def publish(self) -> dict | None:
+    def publish(self) -> SendReport | None:
         """Fill the flat buffer and broadcast it (rank 0 sends; other ranks take part in the gathers).
         Returns bytes moved and seconds on rank 0."""
         if self.rank == 0 and self.group is None:
             raise RuntimeError("publish before the weight-sync group was joined")
         return self._fill(send=True)
 
-    def pack(self) -> dict | None:
+    def pack(self) -> SendReport | None:
         """Colocated: only fill the flat buffer (the engines copy out of it); returns bytes and seconds on rank 0."""
         return self._fill(send=False)
 
-    def _fill(self, send: bool) -> dict | None:
+    def _fill(self, send: bool) -> SendReport | None:
         if self.plan is None:
             raise RuntimeError("publish before the weight-sync plan was set")
         t0 = time.perf_counter()
@@ -154,7 +155,7 @@ class Publisher:
             raise
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # filled (and sent): the engines may read it
-        return {"bytes": self.plan.nbytes, "seconds": time.perf_counter() - t0}
+        return SendReport(self.plan.nbytes, time.perf_counter() - t0)
 
     def _static_copies(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Per bucket: the (destination, source) views of the regions first needed by it. Built once;

@@ -1,4 +1,4 @@
-"""The weight-sync regions of a live vLLM model, for one tensor-parallel worker (rollout/weight_sync.py).
+"""The weight-sync regions (plan.py) of a live vLLM model, for one tensor-parallel worker.
 
 Runs inside a vLLM worker process. For every parameter the worker holds, it says which trainer
 (checkpoint-format) tensors fill it and where, following the rules of vLLM's own weight loaders
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from rollout.weight_sync import Piece, Region
+from weight_sync.plan import Piece, Region
 
 
 def _dtype(model: torch.nn.Module) -> str:
