@@ -122,3 +122,24 @@ def test_ppo_minibatches_and_dapo_options_run(tmp_path, ray_local, tiny_model_di
     assert min(r["reward/overlong_penalty_mean"] for r in rows) < 0
     acc = json.loads((tmp_path / "accounting.json").read_text())
     assert acc["identity_holds"] and acc["consumed"] == 3 * 4
+
+
+def test_a_fixed_lag_run_finishes_with_every_batch_exactly_lag_versions_old(tmp_path, ray_local, tiny_model_dir):
+    """staleness.fixed_lag = 2 through the real loop: it used to write two steps and then wait forever (the
+    versions outran the admissions, so no group two versions old was left). Every step after the first two
+    trains on data started exactly 2 versions before it (lags 0, 1 during the first two)."""
+    from trainer.loop import run
+
+    cfg = compose([
+        "model=tiny", "rollout.engine=hf", "staleness.max_staleness=2", "staleness.fixed_lag=2",
+        "trainer.num_minibatches=2", "trainer.max_steps=5", "trainer.batch_size=4", "trainer.group_size=2",
+        "task.reward=text_hash", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5", "rollout.max_new_tokens=6",
+        "task.num_eval=2", "eval.max_new_tokens=4", "logger.wandb.mode=disabled", "logger.progress=false",
+        "checkpoint.enabled=false", f"output_dir={tmp_path}",
+    ])
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [(r["staleness/lag_min"], r["staleness/lag_max"]) for r in rows] == [(0, 0), (1, 1), (2, 2), (2, 2), (2, 2)]
+    acc = json.loads((tmp_path / "accounting.json").read_text())
+    assert acc["identity_holds"] and acc["fixed_lag_short_groups"] == 0 and acc["consumed"] == 5 * 4
