@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -148,9 +149,27 @@ class BatchInvarianceConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    path: Optional[str] = None  # a reward-model directory (scripts/train_rm.py's, or any HF sequence classifier with one output); unset = rule reward only
+    name: str = "rm"  # its raw score is logged as reward/<name>_mean
+    weight: float = 1.0  # reward = rewards.rule_weight * rule + weight * model reward (+ overlong penalty)
+    normalize: bool = False  # running mean/std of the scores each scorer saw (a model's scale is arbitrary)
+    clip: Optional[float] = None  # |model reward| at most this, after normalisation; unset = no clip
+    num_scorers: Optional[int] = None  # scorer actors; unset = one per rollout worker
+    num_cpus: float = 1.0  # per scorer
+    num_gpus: float = 0.0  # per scorer: 0 = CPU, 1 = a GPU of its own, a fraction to share one
+    max_tokens_per_batch: int = 8192  # padded tokens per forward pass of a scorer
+    timeout_s: float = 120.0  # per group; a scorer that does not answer or died drops the group (reason reward_model)
+    max_restarts: int = 3  # Ray restarts a dead scorer this often
+    dtype: Optional[str] = None  # unset = bfloat16 on a GPU, float32 on CPU
+
+
+@dataclass
 class RewardsConfig:
     num_workers: int = 2  # reward processes per rollout worker
     timeout_s: float = 10.0  # per call; an exception, crash or timeout gives reward 0 and counts in reward/errors
+    rule_weight: float = 1.0  # weight of the task's rule reward (0 = the model reward alone)
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
 
 @dataclass
@@ -280,6 +299,25 @@ def _validate_episodes(cfg) -> None:
            "must be null with an env: forced lengths are for single-turn benchmarks")
 
 
+def _validate_reward_model(rw) -> None:
+    m = rw.model
+    _check(rw.rule_weight >= 0, "rewards.rule_weight", rw.rule_weight, "must be >= 0 (0 = the model reward alone)")
+    if m.path is None:
+        _check(rw.rule_weight > 0, "rewards.rule_weight", rw.rule_weight,
+               "must be > 0 without a reward model (rewards.model.path): nothing else gives a reward")
+        return
+    _check(Path(m.path).expanduser().is_dir(), "rewards.model.path", m.path,
+           "must be a reward-model directory (make one with scripts/train_rm.py)")
+    _check(m.num_scorers is None or m.num_scorers >= 1, "rewards.model.num_scorers", m.num_scorers,
+           "must be >= 1, or null for one per rollout worker")
+    _check(m.clip is None or m.clip > 0, "rewards.model.clip", m.clip, "must be > 0, or null for no clip")
+    _check(m.max_tokens_per_batch >= 1, "rewards.model.max_tokens_per_batch", m.max_tokens_per_batch, "must be >= 1")
+    _check(m.timeout_s > 0, "rewards.model.timeout_s", m.timeout_s, "must be > 0 seconds")
+    _check(m.num_cpus > 0 and m.num_gpus >= 0, "rewards.model.num_cpus", m.num_cpus,
+           "must be > 0 (and rewards.model.num_gpus >= 0)")
+    _choice("rewards.model.dtype", m.dtype, (None, "float32", "bfloat16", "float16"))
+
+
 def validate(cfg) -> None:
     """Check every value; raise ConfigError naming the first bad key."""
     _choice("model.name", cfg.model.name, ("smollm2-135m", "tiny", "random-1.5b", "hf"))
@@ -298,6 +336,7 @@ def validate(cfg) -> None:
            f"must name a .jsonl or .parquet file when task.name={cfg.task.name}")
     _choice("task.reward", cfg.task.reward, ("last_integer", "math", "python_exec", "text_hash"))
     _check(cfg.rewards.num_workers >= 1, "rewards.num_workers", cfg.rewards.num_workers, "must be >= 1")
+    _validate_reward_model(cfg.rewards)
     _check(cfg.rewards.timeout_s > 0, "rewards.timeout_s", cfg.rewards.timeout_s, "must be > 0")
     _check(cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train, "must be >= 1")
     _check(cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval, "must be >= 1")

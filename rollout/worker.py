@@ -23,6 +23,7 @@ import torch
 from transformers import AutoTokenizer
 
 from rewards.pool import RewardPool
+from rewards.scorer import ModelReward, RewardModelFailure
 from rewards.shaping import overlong_penalty
 from rewards.tasks import build_task, render_prompt
 from rollout.engine import Engine, SamplingSpec
@@ -61,7 +62,7 @@ def build_engine(rollout_cfg, model_cfg, model_dir: str, seed: int) -> Engine:
 class RolloutWorker:
     """Ray actor (async): `ray.remote(RolloutWorker).options(...).remote(...)`."""
 
-    def __init__(self, worker_index: int, cfg, model_dir: str, service) -> None:
+    def __init__(self, worker_index: int, cfg, model_dir: str, service, scorers: list | None = None) -> None:
         logging.basicConfig(level=cfg.logger.log_level, format="%(asctime)s %(name)s: %(message)s")
         self.index = worker_index
         self.cfg = cfg
@@ -79,7 +80,10 @@ class RolloutWorker:
         self._loops: list[asyncio.Task] = []
         self._engine_lost_logged = False
         self.incarnation = uuid.uuid4().hex  # a restarted actor (same handle, new process) gets a new one
-        self.stats = {"interrupted": 0, "generated_tokens": 0, "gen_time_s": 0.0, "reward_errors": 0, "groups": 0}
+        self.stats = {"interrupted": 0, "generated_tokens": 0, "gen_time_s": 0.0, "reward_errors": 0, "groups": 0,
+                      "reward_model_errors": 0}
+        # a learned reward beside the rule reward: this worker's scorer of the fleet's pool (rewards/scorer.py)
+        self.model_reward = ModelReward(cfg.rewards.model, scorers[worker_index % len(scorers)]) if scorers else None
         # multi-turn episodes with the config's environment (rollout/episode.py); None = single responses
         self.episodes = EpisodeRunner(cfg, self.tokenizer, self.task, self.stats) if cfg.env is not None else None
 
@@ -241,22 +245,30 @@ class RolloutWorker:
                 self.episodes.run(f"w{self.index}-{ticket['seq']}-{k}", row, sp, self._sample) for k, sp in specs
             )
         group = []
-        alg = self.cfg.algorithm
+        alg, rw = self.cfg.algorithm, self.cfg.rewards
         limit = self.cfg.rollout.max_new_tokens if self.episodes is None else self.cfg.rollout.max_episode_tokens
-        for (k, _), s in zip(specs, samples):
+        scored = None
+        if self.model_reward is not None:  # the whole group in one call, off this event loop
+            scored = await self.model_reward.score([s.get("prompt_ids", prompt_ids) + s["tokens"] for s in samples])
+        for i, ((k, _), s) in enumerate(zip(specs, samples)):
             if self.episodes is None:
                 text = self.tokenizer.decode(s["tokens"], skip_special_tokens=True)
                 task_reward, failed = await self._score(text, problem.answer)
             else:
                 text, task_reward, failed = s["text"], s["reward"], False
             penalty = overlong_penalty(len(s["tokens"]), limit, alg.overlong_buffer, alg.overlong_penalty)
-            reward = task_reward + penalty
+            parts = {"task": task_reward}  # each reward on its own: reward/<name>_mean
+            reward = rw.rule_weight * task_reward + penalty
+            if scored is not None:
+                parts[rw.model.name] = scored["raw"][i]
+                reward += rw.model.weight * scored["reward"][i]
             group.append(Trajectory(
                 traj_id=f"{ticket['seq']}-{k}", prompt_index=ticket["prompt_index"], group_id=str(ticket["seq"]),
                 prompt_ids=s.get("prompt_ids", prompt_ids), response_ids=s["tokens"], logp_behav=s["logps"],
                 versions=s["versions"], start_version=ticket["version"], reward=reward, finish_reason=s["finish_reason"],
                 interruptions=s["interruptions"], reward_error=failed,
-                info={"text": text, "task_reward": task_reward, "overlong_penalty": penalty, **s.get("info", {})},
+                info={"text": text, "task_reward": task_reward, "overlong_penalty": penalty, "rewards": parts,
+                      **s.get("info", {})},
                 is_baseline=(k == "b"), loss_mask=s.get("loss_mask"),
             ))
         self.stats["groups"] += 1
@@ -273,6 +285,11 @@ class RolloutWorker:
             except _Shutdown:
                 await self.service.drop.remote(ticket["seq"], "shutdown")
                 return
+            except RewardModelFailure as e:
+                self.stats["reward_model_errors"] += 1
+                log.warning("rollout group %s dropped (reward_model): %s", ticket["seq"], e)
+                await self.service.drop.remote(ticket["seq"], "reward_model")
+                continue
             except Exception:
                 if self._engine_lost():
                     # Its ticket stays running: the driver sees the dead engine in `ping`, drops this

@@ -36,8 +36,15 @@ CPU_KV_CACHE_GIB = 0.5  # rollout.kv_cache_gib chosen for an engine on CPU (vLLM
 GPU_TOKENS_PER_MICRO_BATCH, CPU_TOKENS_PER_MICRO_BATCH = 8192, 2048
 
 
+def num_scorers(cfg) -> int:
+    """Reward-model scorer actors: rewards.model.num_scorers, or one per rollout worker; none without a model."""
+    m = cfg.rewards.model
+    return 0 if m.path is None else (m.num_scorers or cfg.rollout.num_workers)
+
+
 def cpus_needed(cfg) -> float:
-    return cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.trainer.num_workers * cfg.trainer.num_cpus
+    return (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.trainer.num_workers * cfg.trainer.num_cpus
+            + num_scorers(cfg) * cfg.rewards.model.num_cpus)
 
 
 _started_here = False  # this process started the Ray instance it is connected to
@@ -114,10 +121,17 @@ def layout(cfg) -> dict:
     Disaggregated: rollout.num_gpus per engine, trainer.num_gpus per trainer rank. Colocated
     (rollout.colocate): trainer and engines share one GPU: the trainer takes half of it and the R
     engines the other half between them (each engine's memory is rollout.gpu_memory_utilization),
-    and weights move by CUDA IPC handles."""
+    and weights move by CUDA IPC handles. Reward-model scorers on fractions of a GPU
+    (rewards.model.num_gpus < 1) take theirs off both halves, so that all of them share the one GPU.
+    These fractions are Ray's bookkeeping; memory is what each process allocates."""
     r, t = cfg.rollout, cfg.trainer
     if r.colocate:
-        rollout_gpus, trainer_gpus = 0.5 / r.num_workers, 0.5
+        sg = cfg.rewards.model.num_gpus
+        share = 1.0 - (num_scorers(cfg) * sg if _fraction(sg) else 0.0)
+        if share <= 0:
+            raise ConfigError(f"rewards.model.num_gpus={sg:g}: {num_scorers(cfg)} scorer(s) take the whole shared "
+                              "GPU from the colocated trainer and engines; lower it")
+        rollout_gpus, trainer_gpus = share / 2 / r.num_workers, share / 2
     else:
         rollout_gpus, trainer_gpus = r.num_gpus, t.num_gpus
     return {"colocate": bool(r.colocate), "rollout_gpus": rollout_gpus, "trainer_gpus": trainer_gpus,
@@ -181,12 +195,25 @@ class Placement:
                 self.shared[d].append(("rollout", i))
                 self.where[("rollout", i)] = d
                 free[d] -= rg
+        sg = self.cfg.rewards.model.num_gpus
+        if _fraction(sg):  # reward-model scorers: beside whatever has room (they join no NCCL group)
+            for j in range(num_scorers(self.cfg)):
+                d = next((d for d in range(len(free)) if free[d] >= sg - 1e-9), None)
+                if d is None:
+                    d = len(free)
+                    self.shared.append([])
+                    free.append(1.0)
+                self.shared[d].append(("scorer", j))
+                self.where[("scorer", j)] = d
+                free[d] -= sg
 
     def gpus_needed(self) -> float:
         """Whole GPUs the placement occupies (a shared GPU counts as one)."""
         r, t = self.cfg.rollout, self.cfg.trainer
         tg, rg = self.layout["trainer_gpus"], self.layout["rollout_gpus"]
-        own = (0 if _fraction(tg) else t.num_workers * tg) + (0 if _fraction(rg) else r.num_workers * rg)
+        sg = self.cfg.rewards.model.num_gpus
+        own = (0 if _fraction(tg) else t.num_workers * tg) + (0 if _fraction(rg) else r.num_workers * rg) \
+            + (0 if _fraction(sg) else num_scorers(self.cfg) * sg)
         return own + len(self.shared)
 
     def describe(self) -> str:
@@ -226,7 +253,7 @@ class Placement:
         tg, rg = self.layout["trainer_gpus"], self.layout["rollout_gpus"]
         try:
             if self.shared:
-                cpus = {"trainer": t.num_cpus, "rollout": r.num_cpus}
+                cpus = {"trainer": t.num_cpus, "rollout": r.num_cpus, "scorer": self.cfg.rewards.model.num_cpus}
                 bundles = [{"CPU": sum(cpus[role] for role, _ in actors), "GPU": 1} for actors in self.shared]
                 pg = self._group(bundles, "the actors that share GPUs", timeout_s)
                 for key, d in self.where.items():
@@ -264,6 +291,12 @@ class Placement:
         """Ray actor options of rollout worker `index`."""
         return {"num_cpus": self.cfg.rollout.num_cpus, "num_gpus": self.layout["rollout_gpus"],
                 "scheduling_strategy": self._strategies[("rollout", index)]}
+
+    def scorer(self, index: int) -> dict:
+        """Ray actor options of reward-model scorer `index`: on a shared GPU's bundle when it takes a fraction."""
+        m = self.cfg.rewards.model
+        placed = self._strategies.get(("scorer", index))
+        return {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus, **({"scheduling_strategy": placed} if placed else {})}
 
     def release(self) -> None:
         for pg in self.groups:

@@ -35,6 +35,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from configs.schema import ConfigError
+from rewards.scorer import start_scorers
 from rollout.worker import RolloutWorker
 from staleness.service import StalenessService
 from trainer import cluster
@@ -78,10 +79,11 @@ class Fleet:
         # shared GPUs as whole-GPU bundles; an unsatisfiable request fails here, before any work
         placement.reserve()
         self.trainers = self._new_trainers()
+        self.scorers = start_scorers(cfg, self.run_id, placement, cluster.num_scorers(cfg))  # rewards.model.path
         self.workers = [
             ray.remote(RolloutWorker).options(**placement.worker(i), max_concurrency=10_000,
                                               max_restarts=r.max_restarts, name=f"tether:rollout:{i}:{self.run_id}",
-                                              ).remote(i, cfg, model_dir, self.service)
+                                              ).remote(i, cfg, model_dir, self.service, self.scorers)
             for i in range(r.num_workers)
         ]
         self.incarnations: list[str] = []
@@ -160,6 +162,13 @@ class Fleet:
 
     def dropped_total(self) -> int:
         return ray.get(self.service.accounting.remote())["dropped_total"]
+
+    def scorer_seconds(self) -> float:
+        """Seconds the reward-model scorers have spent scoring so far (0 without them; a restarted one starts at 0)."""
+        try:
+            return sum(s["seconds"] for s in ray.get([sc.get_stats.remote() for sc in self.scorers]))
+        except ray.exceptions.RayActorError:
+            return 0.0  # one is restarting: its share of this step is not counted
 
     def start_generation(self) -> None:
         ray.get([w.run.remote() for w in self.workers])
@@ -378,7 +387,7 @@ class Fleet:
                 log.debug("worker close failed", exc_info=True)
         if pending:
             log.warning("%d rollout worker(s) did not close in time; killing them", len(pending))
-        for actor in [*self.workers, *self.trainers, self.service]:
+        for actor in [*self.workers, *self.trainers, *self.scorers, self.service]:
             ray.kill(actor)
         for pg in self.placement.groups:
             remove_placement_group(pg)

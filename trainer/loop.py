@@ -87,6 +87,7 @@ class Run:
         self.version = 0  # weight versions published
         self.run_tokens = 0  # consumed tokens of this process's training (not of a resumed run's earlier steps)
         self.gen_before = 0  # the rollout workers' generated-token counters at the last step
+        self.scoring_before = 0.0  # the reward-model scorers' busy seconds at the last step
         self.initial_service_state: dict = {}
 
     def setup(self) -> None:
@@ -175,12 +176,14 @@ class Run:
         self.run_tokens += tokens
         stats = self.fleet.worker_stats(self.version)
         generated = sum(s["generated_tokens"] for s in stats)
+        scoring = self.fleet.scorer_seconds() if self.fleet.scorers else 0.0
         row = self.monitor.step_row(StepOutcome(
             step=step, metrics=metrics, trained=trained, lags=lags, publish=pub, worker_stats=stats,
             dropped=self.fleet.dropped_total(), faults=dict(self.fleet.faults), wait_s=wait_s, step_s=step_s,
             generated_tokens=max(generated - self.gen_before, 0),  # a restarted worker's count starts again
+            reward_model_s=max(scoring - self.scoring_before, 0.0),
             cumulative_tokens_per_s=self.run_tokens / (time.perf_counter() - t_start)))
-        self.gen_before = generated
+        self.gen_before, self.scoring_before = generated, scoring
         if self.evaluator.should_evaluate(step):
             self.progress.evals.append(self.evaluator.evaluate(step))
             row["eval/reward"] = self.progress.evals[-1]["eval/reward"]
@@ -236,6 +239,7 @@ def build_run(cfg) -> tuple[Run, Path | None]:
     # actors may run in another working directory (or on another node): absolute paths only
     cfg.task.path = resolve_data_path(cfg.task.path)
     cfg.task.eval_path = resolve_data_path(cfg.task.eval_path)
+    cfg.rewards.model.path = resolve_data_path(cfg.rewards.model.path)
     try:
         effective_hparams(cfg)
     except ValueError as e:

@@ -4,6 +4,7 @@
     aggregate(per_token_loss, mask, mode, denominator, seq_index=None) -> scalar
     kl_penalty(logp, logp_ref, estimator) -> (B, T)
     token_logprobs(logits, targets, temperature=1.0) -> (B, T)
+    bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef=0.0) -> (loss, sums)   # reward models
     entropy_from_logits(logits) -> (B, T)
 
 Every per-token tensor is (B, T): B sequences of the micro-batch, T response positions,
@@ -213,3 +214,26 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
         pz = torch.where(p > 0, p * z, torch.zeros_like(z))  # (n, V) 0 * -inf (banned token) counts as 0
         out.append(lse - pz.sum(dim=-1))  # (n,)
     return torch.cat(out).reshape(logits.shape[:-1])
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Optional[Tensor] = None,
+                       center_coef: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reward-model loss over preference pairs (Bradley-Terry; Ouyang et al. arXiv 2203.02155 eq. 1):
+
+        L = mean_i -log sigmoid(r_c[i] - r_r[i] - margin[i])  +  center_coef * mean_i (r_c[i] + r_r[i])^2
+
+    r_chosen, r_rejected: (N,) scalar rewards of each pair's chosen and rejected response; margin: (N,)
+    or None (Llama 2's margin term). The second term (reward centering, TRL's center_rewards_coefficient)
+    keeps the rewards near 0 without changing which response wins. -log sigmoid(x) is computed as
+    softplus(-x): finite for any x. Returns the loss and detached sums over the N pairs: `correct`
+    (r_c > r_r: pair accuracy), `margin` (r_c - r_r) and `pairs`.
+    """
+    diff = r_chosen - r_rejected  # (N,)
+    logits = diff - margin if margin is not None else diff
+    loss = torch.nn.functional.softplus(-logits).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    with torch.no_grad():
+        sums = {"correct": (diff > 0).sum().float(), "margin": diff.detach().float().sum(),
+                "pairs": torch.tensor(float(diff.numel()), device=diff.device)}
+    return loss, sums

@@ -42,7 +42,15 @@ class StepOutcome:
     wait_s: float  # waiting for the batch
     step_s: float  # the whole step: wait, train, publish
     generated_tokens: int  # tokens the engines generated during the step
+    reward_model_s: float  # seconds the reward-model scorers spent scoring during the step (0 without them)
     cumulative_tokens_per_s: float  # consumed tokens per second since this process started training
+
+
+def _reward_parts(trained: list) -> dict:
+    """reward/<name>_mean of each reward the trajectories carry on its own (the rule reward as `task`, a reward
+    model under rewards.model.name, its raw score), before weights and normalisation."""
+    names = dict.fromkeys(k for t in trained for k in t.info.get("rewards", {}))
+    return {f"reward/{k}_mean": sum(t.info["rewards"][k] for t in trained) / len(trained) for k in names}
 
 
 class Monitor:
@@ -89,11 +97,14 @@ class Monitor:
             # responses whose tokens came from more than one policy version (interrupted by a publish)
             "rollout/multi_version_frac": sum(len(set(t.versions)) > 1 for t in o.trained) / len(o.trained),
             "reward/errors": sum(s["reward_errors"] for s in o.worker_stats),
+            "reward/model_errors": sum(s.get("reward_model_errors", 0) for s in o.worker_stats),
+            **_reward_parts(o.trained),
             **episode_metrics(o.trained),
             "faults/worker_restarts": o.faults["worker_restarts"],
             "faults/trainer_restarts": o.faults["trainer_restarts"],
             "time/step_s": o.step_s, "time/rollout_wait_s": o.wait_s, "time/weight_sync_s": pub["seconds"],
             "time/publish_idle_s": pub["idle_s"],  # admission paused: the engines wait for the new weights
+            "time/reward_model_s": o.reward_model_s,  # the scorers' busy time: their share of the step
             "weight_sync/bytes": pub["bytes"],
             "perf/consumed_tokens_per_s": sum(t.num_tokens for t in o.trained) / o.step_s,
             "perf/consumed_tokens_per_s_cumulative": o.cumulative_tokens_per_s,

@@ -3,37 +3,12 @@ policy, a KL term, and batch-size invariance (derived hyper-parameters are used 
 
 import json
 import logging
-import time
 
 import pytest
-import ray
 
 from tests.conftest import compose
+from tests.helpers import one_group
 from trainer.invariance import derive_invariant_hparams
-
-
-@ray.remote
-class _OneTicketService:
-    """Stands in for the staleness service: hands out one prompt group, keeps what comes back."""
-
-    def __init__(self):
-        self.handed = False
-        self.groups = []
-
-    async def acquire(self, n, worker):
-        if self.handed:
-            return None  # no more admissions: the worker's loop ends
-        self.handed = True
-        return {"seq": 0, "prompt_index": 3, "version": 0}
-
-    async def put(self, group):
-        self.groups.append(group)
-
-    async def drop(self, seq, reason):
-        pass
-
-    async def get(self):
-        return self.groups
 
 
 def test_remax_baseline_is_greedy_and_same_version(tmp_path, ray_local, tiny_model_dir):
@@ -41,20 +16,11 @@ def test_remax_baseline_is_greedy_and_same_version(tmp_path, ray_local, tiny_mod
     from transformers import AutoModelForCausalLM
 
     from rewards.tasks import build_task, render_prompt
-    from rollout.worker import RolloutWorker
 
     cfg = compose(["model=tiny", "rollout.engine=hf", "algorithm.advantage=remax", "trainer.group_size=3",
                    "trainer.batch_size=3", "rollout.max_new_tokens=6", "rollout.max_concurrent_groups=1",
                    f"output_dir={tmp_path}"], cluster_gpus=0)
-    service = _OneTicketService.remote()
-    worker = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(0, cfg, tiny_model_dir, service)
-    ray.get(worker.start.remote())
-    ray.get(worker.run.remote())
-    deadline = time.monotonic() + 120
-    while not (groups := ray.get(service.get.remote())) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    ray.get(worker.stop.remote())
-    (group,) = groups
+    group = one_group(cfg, tiny_model_dir)
     samples = [t for t in group if not t.is_baseline]
     (baseline,) = [t for t in group if t.is_baseline]
     assert len(samples) == 3 and baseline.group_id == samples[0].group_id

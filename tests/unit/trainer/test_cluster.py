@@ -235,3 +235,18 @@ def test_cpu_trainer_threads_leave_the_engines_their_cores():
     assert cpu_threads(sync, 2) == 2  # the engines idle while it trains
     assert cpu_threads(asyn, 2) == 1 and cpu_threads(asyn, 16) == 15  # one engine asks for one CPU
     assert cpu_threads(two, 2) == 1 and cpu_threads(two, 8) == 5  # never below one thread
+
+
+def test_a_fractional_reward_model_scorer_shares_the_colocated_gpu(tmp_path):
+    # one GPU: trainer, engine and a scorer of 0.2 GPU in one whole-GPU bundle; Ray's fractions sum to 1
+    cfg, _ = _resolved(1, f"rewards.model.path={tmp_path}", "rewards.model.num_gpus=0.2")
+    lay = layout(cfg)
+    assert lay["trainer_gpus"] == pytest.approx(0.4) and lay["rollout_gpus"] == pytest.approx(0.4)
+    placement = Placement(cfg, lay)
+    assert placement.shared == [[("trainer", 0), ("rollout", 0), ("scorer", 0)]] and placement.gpus_needed() == 1
+    # on CPU a scorer is an actor of its own, counted in the CPUs the run needs
+    cfg, _ = _resolved(0, f"rewards.model.path={tmp_path}", "rewards.model.num_cpus=0.5")
+    from trainer.cluster import cpus_needed
+
+    assert cpus_needed(cfg) == cfg.rollout.num_cpus + cfg.trainer.num_cpus + 0.5
+    assert Placement(cfg, layout(cfg)).scorer(0) == {"num_cpus": 0.5, "num_gpus": 0.0}
