@@ -116,3 +116,29 @@ def test_a_reward_model_trained_on_the_shipped_pairs_ranks_chosen_above_rejected
     summary = train_reward_model(cfg)
     assert summary["eval_accuracy"] > summary["eval_accuracy_before"]
     assert Path(summary["exported_to"], "config.json").exists()
+
+
+def test_reward_model_training_resumes_exactly(tmp_path, tiny_model_dir):
+    """4 steps in one run against 2 steps, then 2 more resumed from its checkpoint: the same reward model."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import compose_rm
+    from trainer.rm_train import train_reward_model
+
+    def train(out, steps):
+        return train_reward_model(compose_rm([
+            "model=tiny", "data.path=rewards/data/preferences_example.jsonl", "data.num_eval=8", "trainer.lr=1e-3",
+            "trainer.batch_size=4", f"trainer.max_steps={steps}", "trainer.eval_every_steps=0", "checkpoint.every_steps=2",
+            "logger.wandb.mode=disabled", "logger.progress=false", f"output_dir={out}"]))
+
+    straight = train(tmp_path / "straight", 4)
+    train(tmp_path / "split", 2)
+    resumed = train(tmp_path / "split", 4)
+    assert straight["steps"] == resumed["steps"] == 4
+    a = load_file(str(tmp_path / "straight" / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    rows = metric_rows(tmp_path / "split")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
