@@ -123,7 +123,9 @@ class TrainerConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = "grpo"  # grpo | dr_grpo (no std division) | rloo (leave-one-out) | remax (greedy baseline)
+    advantage: str = "grpo"  # grpo | dr_grpo (no std division) | rloo (leave-one-out) | remax (greedy baseline) | gae (a critic: see critic.*)
+    gamma: float = 1.0  # gae: discount per model token (1 = none, as verl and AReaL)
+    lam: float = 1.0  # gae: lambda of the advantage estimate (1 = Monte Carlo returns minus values)
     loss: str = "decoupled_ppo"  # decoupled_ppo | ppo (coupled: pi_prox = pi_behav, the ablation baseline)
     proximal: str = "recompute"  # recompute: trainer weights at the start of the step | ewma: averaged weights (PPO-EWMA)
     ewma_decay: float = 0.889  # beta of the EWMA proximal policy; centre of mass 1/(1-beta) - 1 = 8 steps (Hilton)
@@ -181,6 +183,14 @@ class WeightSyncConfig:
 
 
 @dataclass
+class CriticConfig:
+    path: Optional[str] = None  # algorithm.advantage=gae: the value model starts from this reward model (scripts/train_rm.py); unset = the policy with a fresh head
+    lr: float = 1e-5  # the critic's own AdamW learning rate
+    value_clip: float = 0.2  # V is kept within this of the values the batch's advantages were computed with
+    warmup_steps: int = 0  # steps in which only the critic trains (the policy makes no update)
+
+
+@dataclass
 class CheckpointConfig:
     enabled: bool = True  # false = no checkpoints at all (benchmarks); a run then cannot be resumed
     every_steps: int = 20  # 0 = only at the end; each holds weights (LoRA: adapters), optimizer, data cursor, RNG
@@ -227,6 +237,7 @@ class TetherConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     batch_invariance: BatchInvarianceConfig = field(default_factory=BatchInvarianceConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -416,7 +427,15 @@ def validate(cfg) -> None:
     _check(t.torch_threads is None or t.torch_threads >= 1, "trainer.torch_threads", t.torch_threads, "must be >= 1")
 
     a = cfg.algorithm
-    _choice("algorithm.advantage", a.advantage, ("grpo", "dr_grpo", "rloo", "remax"))
+    _choice("algorithm.advantage", a.advantage, ("grpo", "dr_grpo", "rloo", "remax", "gae"))
+    _check(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algorithm.gamma", (a.gamma, a.lam),
+           "and algorithm.lam must be in [0, 1]")
+    c = cfg.critic
+    _check(c.lr > 0, "critic.lr", c.lr, "must be > 0")
+    _check(c.value_clip > 0, "critic.value_clip", c.value_clip, "must be > 0")
+    _check(c.warmup_steps >= 0, "critic.warmup_steps", c.warmup_steps, "must be >= 0")
+    _check(c.path is None or Path(c.path).expanduser().is_dir(), "critic.path", c.path,
+           "must be a reward-model directory (scripts/train_rm.py makes one), or null for the policy with a fresh head")
     _choice("algorithm.loss", a.loss, ("decoupled_ppo", "ppo"))
     _choice("algorithm.proximal", a.proximal, ("recompute", "ewma"))
     _check(not (a.loss == "ppo" and a.proximal == "ewma"), "algorithm.proximal", a.proximal,

@@ -30,11 +30,11 @@ def load_reward_model(path: str, device: torch.device | str, dtype: torch.dtype 
     if model.config.pad_token_id is None:  # saved with the model: transformers needs one for batches
         tokenizer = AutoTokenizer.from_pretrained(path)
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    _head(model)  # fails now, with the reason, for a model whose head we cannot call
+    decoder_and_head(model)  # fails now, with the reason, for a model whose head we cannot call
     return model.to(device)
 
 
-def _head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder, scalar head) of a sequence-classification model, also under a PEFT wrapper."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
@@ -47,7 +47,7 @@ def _head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def reward_forward(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) float32 rewards of right-padded rows `ids` (B, T): the scalar head at each row's last token."""
-    decoder, head = _head(model)
+    decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     last = attention_mask.sum(dim=-1) - 1  # (B,) right padding: the last real token
     pooled = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # (B, H)

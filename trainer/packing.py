@@ -78,7 +78,7 @@ class PackedBatch:
     targets: torch.Tensor  # (R,) the response tokens
     behav: torch.Tensor  # (1, R) behaviour log-probs
     mask: torch.Tensor  # (1, R) loss mask: 1 on model-written tokens
-    advantages: torch.Tensor  # (1, R) each token's sequence advantage
+    advantages: torch.Tensor  # (1, R) each token's advantage (its sequence's, or its own with GAE)
     seq_index: torch.Tensor  # (1, R) which sequence of the row each response token belongs to (0, 1, ...)
 
     @property
@@ -93,8 +93,16 @@ class PackedBatch:
                     max_length_q=self.max_len, max_length_k=self.max_len, tether_bounds=self.bounds)
 
 
-def pack(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device) -> PackedBatch:
-    """Concatenate `trajs` (with their (len(trajs),) `advantages`) into one row on `device`."""
+def per_token(advantages: torch.Tensor | list[list[float]], trajs: list[Trajectory]) -> list[list[float]]:
+    """Each trajectory's advantage of every response token: a (N,) tensor broadcast (outcome advantages), or
+    per-token lists as given (GAE)."""
+    if isinstance(advantages, torch.Tensor):
+        return [[a] * len(t.response_ids) for t, a in zip(trajs, advantages.tolist())]
+    return [list(a) for a in advantages]
+
+
+def pack(trajs: list[Trajectory], advantages: torch.Tensor | list[list[float]], device: torch.device) -> PackedBatch:
+    """Concatenate `trajs` (with their (len(trajs),) `advantages`, or per-token lists) into one row on `device`."""
     ids: list[int] = []
     positions: list[int] = []
     bounds = [0]
@@ -104,7 +112,7 @@ def pack(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device
     mask: list[float] = []
     adv: list[float] = []
     seq: list[int] = []
-    for t, a in zip(trajs, advantages.tolist()):
+    for t, a in zip(trajs, per_token(advantages, trajs)):
         start, p, n = len(ids), len(t.prompt_ids), len(t.response_ids)
         ids += t.prompt_ids + t.response_ids
         positions += range(p + n)
@@ -113,7 +121,7 @@ def pack(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device
         targets += t.response_ids
         behav += t.logp_behav
         mask += t.loss_weights()
-        adv += [a] * n
+        adv += a
         seq += [seq[-1] + 1 if seq else 0] * n  # numbered among sequences with response tokens: ids < R
     lens = [b - a for a, b in zip(bounds, bounds[1:])]
 
@@ -145,7 +153,7 @@ class PaddedBatch:
     seq_index = None  # one sequence per row
 
 
-def pad(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device) -> PaddedBatch:
+def pad(trajs: list[Trajectory], advantages: torch.Tensor | list[list[float]], device: torch.device) -> PaddedBatch:
     P = max(len(t.prompt_ids) for t in trajs)
     T = max(len(t.response_ids) for t in trajs)
     ids = torch.zeros(len(trajs), P + T, dtype=torch.long)  # (B, P + T)
@@ -161,7 +169,9 @@ def pad(trajs: list[Trajectory], advantages: torch.Tensor, device: torch.device)
         mask[b, :n] = torch.tensor(t.loss_weights())
         behav[b, :n] = torch.tensor(t.logp_behav)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    adv = advantages.float().unsqueeze(1).expand(-1, T)  # (B, T)
+    adv = torch.zeros(len(trajs), T)  # (B, T)
+    for b, a in enumerate(per_token(advantages, trajs)):
+        adv[b, : len(a)] = torch.tensor(a)
     return PaddedBatch(*(x.to(device) for x in (ids, attn, positions, targets, behav, mask, adv)))
 
 

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from configs.rm_schema import validate_rm
 from configs.schema import ConfigError
 from rewards.preferences import load_preferences, render_pair
-from rewards.reward_model import load_reward_model, pad_right, reward_forward, token_budget_batches
+from rewards.reward_model import decoder_and_head, load_reward_model, pad_right, reward_forward, token_budget_batches
 from rewards.tasks import resolve_data_path
 from rollout.models import resolve_model_dir
 from trainer import checkpoint
@@ -50,9 +50,7 @@ log = logging.getLogger("tether")
 
 def packed_rewards(model: torch.nn.Module, sequences: list[list[int]], device) -> torch.Tensor:
     """(N,) rewards of `sequences` packed back to back into one row (the model uses packed attention)."""
-    from rewards.reward_model import _head
-
-    decoder, head = _head(model)
+    decoder, head = decoder_and_head(model)
     bounds = [0]
     for s in sequences:
         bounds.append(bounds[-1] + len(s))

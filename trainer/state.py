@@ -4,6 +4,7 @@ and the Hugging Face export (docs/design.md section 10).
     for name, tensor in full_weights(step): ...     # every rank iterates (FSDP gathers); LoRA merged
     save(step, checkpoint_dir)                       # trainer.pt, rank 0 writes
     step_number = load(step, checkpoint_dir)         # every rank reads
+    save_critic(critic, rank, checkpoint_dir); load_critic(critic, checkpoint_dir)   # critic.pt (algorithm.advantage=gae)
     export_hf(step, out_dir, model_dir)              # merged weights in model.dtype, tokenizer, config
 
 Every function takes part in collectives under FSDP: call it on every rank.
@@ -64,6 +65,29 @@ def save(step: PolicyStep, path: str) -> None:
         "skipped_in_a_row": step.skipped_in_a_row,
     }
     torch.save(state, Path(path) / "trainer.pt")
+
+
+def save_critic(critic, rank: int, path: str) -> None:
+    """critic.pt beside trainer.pt: the value model and its optimizer (rank 0 writes; every rank gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(critic.model, critic.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save({"model": model_sd, "optimizer": optim_sd, "steps": critic.steps}, Path(path) / "critic.pt")
+
+
+def load_critic(critic, path: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    file = Path(path) / "critic.pt"
+    if not file.exists():
+        raise ValueError(f"checkpoint {path} has no critic.pt: it was written without algorithm.advantage=gae; "
+                         "resume with the same setting")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    set_state_dict(critic.model, critic.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    critic.steps = int(state["steps"])
 
 
 def _as_param_layout(avg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -109,8 +109,9 @@ class PolicyStep:
         return cls(cfg, model, scale, device)
 
     # ---- the passes ---------------------------------------------------------------------
-    def tensors(self, trajs: list[Trajectory], advantages: torch.Tensor | None = None) -> Batch:
-        """One micro-batch on the device: packed into one row (trainer.pack_sequences), or padded."""
+    def tensors(self, trajs: list[Trajectory], advantages: torch.Tensor | list[list[float]] | None = None) -> Batch:
+        """One micro-batch on the device: packed into one row (trainer.pack_sequences), or padded. `advantages`:
+        (N,) per trajectory, or per-token lists."""
         adv = torch.zeros(len(trajs)) if advantages is None else advantages
         return pack(trajs, adv, self.device) if self.packed else pad(trajs, adv, self.device)
 
@@ -175,16 +176,18 @@ class PolicyStep:
         return mbs + [None] * (n - len(mbs))
 
     # ---- the step -----------------------------------------------------------------------
-    def train_step(self, batch: list[Trajectory]) -> dict:
+    def train_step(self, batch: list[Trajectory], advantages: list[list[float]] | None = None, update: bool = True) -> dict:
         """One training step; with the step in trainer.profile_steps, under torch.profiler (trace and table in
-        output_dir/profile/)."""
+        output_dir/profile/). `advantages`: per-token advantages of the trajectories trained on (a critic's
+        GAE, in batch order without ReMax baselines) instead of the group advantages; `update=False` makes
+        no optimizer update (a critic's warm-up: the step's metrics, the same weights)."""
         if self.steps + 1 not in self.cfg.trainer.profile_steps:
-            return self._train_step(batch)
+            return self._train_step(batch, advantages, update)
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with profile(activities=activities, record_shapes=False) as prof:
-            metrics = self._train_step(batch)
+            metrics = self._train_step(batch, advantages, update)
         out = Path(self.cfg.output_dir) / "profile"
         out.mkdir(parents=True, exist_ok=True)
         name = f"trainer_step_{self.steps:04d}_rank{self.rank}"
@@ -193,11 +196,14 @@ class PolicyStep:
         (out / f"{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
         return metrics
 
-    def _train_step(self, batch: list[Trajectory]) -> dict:
+    def _train_step(self, batch: list[Trajectory], given: list[list[float]] | None, update: bool) -> dict:
         t0 = time.perf_counter()
         alg, tc = self.cfg.algorithm, self.cfg.trainer
         trajs = [t for t in batch if not t.is_baseline]
-        advantages, pending_norm = self.advantages(trajs, [t for t in batch if t.is_baseline])
+        if given is None:
+            advantages, pending_norm = self.advantages(trajs, [t for t in batch if t.is_baseline])
+        else:
+            advantages, pending_norm = given, None
         minibatches, active = self._minibatches(trajs, advantages)
         t_batch = synced_time(self.device)
         # pi_prox is fixed for the whole step: computed once, before the first update. With one update and
@@ -208,7 +214,7 @@ class PolicyStep:
         t_prox = synced_time(self.device)
 
         stats = UpdateStats()
-        for _ in range(tc.ppo_epochs):
+        for _ in range(tc.ppo_epochs if update else 0):
             for mb, prox_mb in zip(minibatches, prox):
                 if mb.denominator > 0:  # a minibatch with nothing to train on (all truncated and masked) makes no update
                     stats.add(*self.update(mb, prox_mb))
@@ -245,7 +251,7 @@ class PolicyStep:
             "memory/max_allocated_gib": max_memory_gib(self.device),
         }
 
-    def _minibatches(self, trajs: list[Trajectory], advantages: torch.Tensor) -> tuple[list[Minibatch], set[int]]:
+    def _minibatches(self, trajs: list[Trajectory], advantages) -> tuple[list[Minibatch], set[int]]:
         """The step's minibatches on this rank, and the trajectories trained on at all.
 
         algorithm.mask_truncated: a response cut at rollout.max_new_tokens gets no loss (it stays in its
@@ -256,14 +262,24 @@ class PolicyStep:
         has a gradient on every token, so with kl_coef > 0 every trajectory is trained on."""
         alg = self.cfg.algorithm
         trained = [not (alg.mask_truncated and t.finish_reason == "length") for t in trajs]
-        active = {i for i in range(len(trajs)) if trained[i] and (advantages[i] != 0 or alg.kl_coef > 0)}
+        if isinstance(advantages, torch.Tensor):
+            nonzero = [bool(a != 0) for a in advantages]
+
+            def select(idx: list[int]):
+                return advantages[idx]
+        else:  # per-token advantages (GAE)
+            nonzero = [any(a != 0 for a in adv) for adv in advantages]
+
+            def select(idx: list[int]):
+                return [advantages[i] for i in idx]
+        active = {i for i in range(len(trajs)) if trained[i] and (nonzero[i] or alg.kl_coef > 0)}
         out = []
         for part in split_minibatches(len(trajs), self.cfg.trainer.num_minibatches):
             kept = [i for i in part if trained[i]]
             n_tokens = sum(trajs[i].num_trained_tokens for i in kept)
             denominator = float(n_tokens if alg.agg_mode == "token-mean" else len(kept))
             members = self.micro_batches(trajs, [i for i in part if i in active])
-            tensors = [self.tensors([trajs[i] for i in (mb or [0])], advantages[mb or [0]]) for mb in members]
+            tensors = [self.tensors([trajs[i] for i in (mb or [0])], select(mb or [0])) for mb in members]
             out.append(Minibatch(members, tensors, denominator))
         return out, active
 

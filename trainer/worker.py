@@ -11,8 +11,8 @@ With trainer.num_workers = N > 1 the N actors form one torch.distributed group a
 with FSDP2 (trainer/parallel.py), as they do on one GPU with bf16 compute (FSDP2's mixed precision);
 rank 0 sends the weights and writes checkpoints, every rank takes part in the gathers. With
 model.lora.rank > 0 only PEFT adapters are trained (trainer/lora.py) and the engines receive the
-merged weights. A second model beside the policy (a critic, a reward model) is a second step object
-held here, trained on the same batches.
+merged weights. With algorithm.advantage=gae a critic (trainer/critic.py) is held here beside the
+policy step: its values give the batch's GAE advantages, then each trains on the same batch.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from rollout.trajectory import Trajectory
 from trainer import lora, parallel, state
+from trainer.critic import CriticStep, targets
 from trainer.model import load_causal_lm
 from trainer.parallel import local
 from trainer.step import PolicyStep
@@ -65,7 +66,9 @@ class TrainerWorker:
         elif cfg.trainer.torch_threads:
             torch.set_num_threads(cfg.trainer.torch_threads)
         self.model, self.lora_scale = load_causal_lm(cfg, model_dir, self.device)
+        self.critic_model = CriticStep.load_model(cfg, model_dir, self.device) if cfg.algorithm.advantage == "gae" else None
         self.step: PolicyStep | None = None  # built once the model can be sharded (after init_group with FSDP)
+        self.critic: CriticStep | None = None
         self.publisher: Publisher | None = None  # built with the weight-sync plan (after sharding)
         if not self.fsdp:
             self._build()
@@ -73,6 +76,9 @@ class TrainerWorker:
     def _build(self) -> None:
         self.step = PolicyStep(self.cfg, self.model, self.lora_scale, self.device, self.rank, self.world_size,
                                self.fsdp, self.mixed_precision)
+        if self.critic_model is not None:
+            self.critic = CriticStep(self.cfg, self.critic_model, self.device, self.rank, self.world_size, self.fsdp,
+                                     self.mixed_precision)
 
     def uses_group(self) -> bool:
         """Whether this trainer needs `init_group` before training (FSDP2, also on one GPU)."""
@@ -122,12 +128,25 @@ class TrainerWorker:
 
     # ---- training, checkpoints, export --------------------------------------------------
     def train_step(self, batch: list[Trajectory]) -> dict:
-        return self.step.train_step(batch)
+        if self.critic is None:
+            return self.step.train_step(batch)
+        # PPO with a critic: values by the critic as it is now, GAE, then the critic's and the policy's updates
+        trajs = [t for t in batch if not t.is_baseline]
+        values = self.critic.values(trajs)
+        advantages, returns = targets(trajs, values, self.cfg)
+        critic_metrics = self.critic.train_step(trajs, returns, values)
+        warming_up = self.step.steps < self.cfg.critic.warmup_steps  # only the critic trains
+        metrics = self.step.train_step(batch, advantages, update=not warming_up)
+        return {**metrics, **critic_metrics, "critic/warmup": int(warming_up)}
 
     def save(self, path: str) -> None:
         state.save(self.step, path)
+        if self.critic is not None:
+            state.save_critic(self.critic, self.rank, path)
 
     def load(self, path: str) -> int:
+        if self.critic is not None:
+            state.load_critic(self.critic, path)
         return state.load(self.step, path)
 
     def export_hf(self, out_dir: str, model_dir: str) -> None:

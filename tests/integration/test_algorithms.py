@@ -109,3 +109,25 @@ def test_a_fixed_lag_run_finishes_with_every_batch_exactly_lag_versions_old(tmp_
     assert [(r["staleness/lag_min"], r["staleness/lag_max"]) for r in rows] == [(0, 0), (1, 1), (2, 2), (2, 2), (2, 2)]
     acc = json.loads((tmp_path / "accounting.json").read_text())
     assert acc["identity_holds"] and acc["fixed_lag_short_groups"] == 0 and acc["consumed"] == 5 * 4
+
+
+def test_ppo_with_a_critic_runs_through_the_loop(tmp_path, ray_local, tiny_model_dir):
+    """algorithm.advantage=gae through the real loop: the critic's metrics every step, its warm-up step without a
+    policy update, the critic in the checkpoint."""
+    from trainer.loop import run
+
+    cfg = compose([
+        "model=tiny", "rollout.engine=hf", "algorithm.advantage=gae", "algorithm.gamma=0.99", "algorithm.lam=0.95",
+        "critic.warmup_steps=1", "task.reward=text_hash", "trainer.max_steps=3", "trainer.batch_size=4",
+        "trainer.group_size=2", "trainer.num_minibatches=2", "rollout.num_cpus=0.5", "trainer.num_cpus=0.5",
+        "rollout.max_new_tokens=6", "task.num_eval=2", "eval.max_new_tokens=4", "logger.wandb.mode=disabled",
+        "logger.progress=false", "checkpoint.export_hf=false", f"output_dir={tmp_path}",
+    ])
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["critic/warmup"] for r in rows] == [1, 0, 0]
+    assert [r["train/updates"] for r in rows] == [0, 2, 2]  # no policy update while the critic warms up
+    assert all(r["critic/updates"] == 2 and r["critic/value_loss"] > 0 and "critic/explained_variance" in r
+               and r["time/critic_s"] > 0 for r in rows)
+    (ck,) = (tmp_path / "checkpoints").iterdir()
+    assert (ck / "critic.pt").exists() and (ck / "trainer.pt").exists()
