@@ -10,7 +10,8 @@ The experiments: `staleness` (coupled `algorithm.loss=ppo` vs `decoupled_ppo` at
 batch exactly eta versions old: staleness.fixed_lag, 4 PPO updates per batch), `invariance` (B = 64 vs
 B = 16 with batch_invariance.reference_batch_size=64 and without, 640 trajectories each), `ewma` (the
 recomputed vs the EWMA proximal policy at eta 4 and 8), `advantage` (ReMax, GRPO, RLOO, Dr. GRPO at equal
-trajectories). Every setting runs once per seed (--seeds).
+trajectories), `critic` (ReMax, GRPO and PPO with a critic, GAE, on the same task and steps). Every setting runs
+once per seed (--seeds).
 
 Outputs. Runs go to <out-dir>/<experiment>/<setting>-seed<s>/ (metrics.jsonl, evals.json, config.yaml,
 summary.json, run.log: the run's console, run.json: its overrides and wall time); --task T puts them
@@ -70,7 +71,7 @@ from fidelity_report import PER_STEP, markdown, plot, summarise, write_json  # n
 
 log = logging.getLogger("fidelity")
 
-EXPERIMENTS = ("staleness", "invariance", "ewma", "advantage")
+EXPERIMENTS = ("staleness", "invariance", "ewma", "advantage", "critic")
 TASKS = sorted(p.stem for p in (REPO / "configs" / "task").glob("*.yaml"))
 # every run: the bundled model on its default task, no checkpoints, evaluation every 10 steps
 COMMON = ["logger.wandb.mode=disabled", "logger.progress=false", "logger.sample_every=0",
@@ -108,6 +109,12 @@ def _grid(experiment: str, etas: list[int]) -> list[tuple[str, list[str]]]:
         # the same batch size for all: equal trajectories trained on (ReMax's greedy baselines are extra
         # generations, not trained on)
         return [(adv, [f"algorithm.advantage={adv}"]) for adv in ("remax", "grpo", "rloo", "dr_grpo")]
+    if experiment == "critic":
+        # ReMax against PPO with a critic (GAE, the value model from the policy with a fresh head, gamma = lambda
+        # = 1) and GRPO, on the same task and steps; time/critic_s and memory/max_allocated_gib say what the
+        # critic costs (the ReMax paper's comparison, in small)
+        return [("remax", ["algorithm.advantage=remax"]), ("grpo", ["algorithm.advantage=grpo"]),
+                ("ppo-critic", ["algorithm.advantage=gae", "critic.lr=1e-5"])]
     raise SystemExit(f"error: unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 log = logging.getLogger("tether.plot")
 
 # (metric, line style, legend text) per panel; colour tells the runs apart
-REWARD = [("reward/mean", "-", "train (batch mean)")]
+REWARD = [("reward/mean", "-", "train (batch mean)"), ("reward/task_mean", "--", "rule (task) reward"),
+          ("reward/rm_mean", ":", "reward model, raw score")]
 STALENESS = [("staleness/lag_mean", "-", "lag mean"), ("staleness/lag_max", "--", "lag max")]
 THROUGHPUT = [("perf/consumed_tokens_per_s", "-", "consumed (trained on)"),
               ("rollout/tokens_per_s", "--", "generated (rollout)")]
