@@ -37,7 +37,7 @@ from rollout.trajectory import Trajectory
 from trainer import parallel
 from trainer.gae import gae
 from trainer.minibatch import split_minibatches
-from trainer.model import eval_mode, synced_time
+from trainer.model import adamw, eval_mode, synced_time
 from trainer.packing import PackedBatch, pack, pad, plan_micro_batches, use_packed_attention
 
 
@@ -76,8 +76,8 @@ class CriticStep:
         if fsdp:
             parallel.shard(model, getattr(torch, cfg.model.dtype) if mixed_precision else None)
         self.autocast_dtype = getattr(torch, cfg.model.dtype) if mixed_precision and not fsdp else None
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.critic.lr,
-                                           weight_decay=cfg.trainer.weight_decay)
+        self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.critic.lr,
+                               weight_decay=cfg.trainer.weight_decay)
         self.steps = 0
 
     @staticmethod

@@ -42,6 +42,7 @@ from rewards.tasks import resolve_data_path
 from rollout.models import resolve_model_dir
 from trainer import checkpoint
 from trainer.losses import bradley_terry_loss
+from trainer.model import adamw
 from trainer.monitor import Monitor
 from trainer.packing import use_packed_attention
 
@@ -83,7 +84,7 @@ class RewardModelTrainer:
             use_packed_attention(model)
         self.model = model.train()
         self.trained = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trained, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.optimizer = adamw(self.trained, lr=tc.lr, weight_decay=tc.weight_decay)
         warmup = tc.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         d = cfg.data

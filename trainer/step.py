@@ -43,7 +43,7 @@ from trainer.advantages import EWMANormalizer, group_advantages
 from trainer.invariance import EWMAParams, effective_hparams
 from trainer.losses import aggregate, kl_penalty, policy_loss
 from trainer.minibatch import UpdateStats, split_minibatches
-from trainer.model import eval_mode, load_causal_lm, max_memory_gib, swapped, synced_time, token_logprobs_of
+from trainer.model import adamw, eval_mode, load_causal_lm, max_memory_gib, swapped, synced_time, token_logprobs_of
 from trainer.packing import PackedBatch, PaddedBatch, pack, pad, plan_micro_batches
 from trainer.parallel import full, local
 
@@ -91,8 +91,8 @@ class PolicyStep:
         if fsdp:
             parallel.shard(model, compute_dtype)
         self.trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
-        self.optimizer = torch.optim.AdamW(self.trained, lr=self.hparams["lr"], betas=self.hparams["adam_betas"],
-                                           weight_decay=cfg.trainer.weight_decay)
+        self.optimizer = adamw(self.trained, lr=self.hparams["lr"], betas=self.hparams["adam_betas"],
+                               weight_decay=cfg.trainer.weight_decay)
         warmup = cfg.trainer.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         # PPO-EWMA: one extra copy of the trained parameters (this rank's shards), updated after every update
