@@ -116,7 +116,7 @@ class TrainerConfig:
     profile_steps: list[int] = field(default_factory=list)  # torch.profiler trace + table of these training steps in output_dir/profile/
     num_cpus: float = 1.0  # per trainer worker
     num_gpus: Optional[float] = None  # per trainer worker: 0 (CPU), 1, or a fraction (shares its GPU with engines); unset = 1 on a cluster with GPUs, else 0
-    torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset on CPU = every core at eta=0 (the engines idle while it trains), the cores the engines do not ask for at eta>0; torch default on GPU
+    torch_threads: Optional[int] = None  # intra-op threads of the trainer; unset on CPU = every core at eta=0 (the engines idle while it trains), at eta>0 the cores the rest of the node leaves, followed between layers (trainer/cpu_share.py); torch default on GPU
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
 

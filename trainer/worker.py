@@ -18,13 +18,14 @@ policy step: its values give the batch's GAE advantages, then each trains on the
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from rollout.trajectory import Trajectory
-from trainer import lora, parallel, state
+from rewards.reward_model import decoder_and_head
+from trainer import cpu_share, lora, parallel, state
+from trainer.cpu_share import CoreShare
 from trainer.critic import CriticStep, targets
 from trainer.model import load_causal_lm
 from trainer.parallel import local
@@ -34,18 +35,6 @@ from weight_sync.plan import SyncPlan
 from weight_sync.receive import fingerprint
 from weight_sync.send import Publisher
 from weight_sync.transport import free_address
-
-
-def cpu_threads(cfg, cores: int) -> int:
-    """The trainer's intra-op threads on CPU when trainer.torch_threads is unset. Synchronous (eta = 0),
-    the engines idle while it trains: every core of the node (Ray's OMP_NUM_THREADS would hold it to
-    trainer.num_cpus). Asynchronous, they generate meanwhile: the cores they do not use, so that the
-    two do not oversubscribe the node (2 cores, one engine, eta = 4: the step took 22.3 s with two
-    threads against the engine's, 17.3 s with one)."""
-    if cfg.staleness.max_staleness == 0:
-        return cores
-    engines = cfg.rollout.num_workers * cfg.rollout.num_cpus
-    return max(1, min(cores, int(cores - engines)))
 
 
 class TrainerWorker:
@@ -61,12 +50,16 @@ class TrainerWorker:
         # bf16/fp16 compute over fp32 master weights on GPU: FSDP2's mixed precision, also on one rank
         self.mixed_precision = self.device.type == "cuda" and self.sync_dtype != torch.float32
         self.fsdp = parallel.uses_fsdp(cfg.trainer.fsdp, world_size, self.mixed_precision)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cfg.trainer.torch_threads or cpu_threads(cfg, os.cpu_count() or 1))
-        elif cfg.trainer.torch_threads:
+        if self.device.type != "cpu" and cfg.trainer.torch_threads:
             torch.set_num_threads(cfg.trainer.torch_threads)
         self.model, self.lora_scale = load_causal_lm(cfg, model_dir, self.device)
         self.critic_model = CriticStep.load_model(cfg, model_dir, self.device) if cfg.algorithm.advantage == "gae" else None
+        self.cores: CoreShare | None = None  # on CPU at eta > 0: the threads follow the node's free cores
+        if self.device.type == "cpu":
+            layers = parallel.decoder_layers(self.model)
+            if self.critic_model is not None:
+                layers += list(decoder_and_head(self.critic_model)[0].layers)
+            self.cores = cpu_share.setup(cfg, layers)
         self.step: PolicyStep | None = None  # built once the model can be sharded (after init_group with FSDP)
         self.critic: CriticStep | None = None
         self.publisher: Publisher | None = None  # built with the weight-sync plan (after sharding)
@@ -128,6 +121,14 @@ class TrainerWorker:
 
     # ---- training, checkpoints, export --------------------------------------------------
     def train_step(self, batch: list[Trajectory]) -> dict:
+        changes = self.cores.changes if self.cores is not None else 0
+        metrics = self._train_step(batch)
+        if self.cores is not None:  # how the trainer's threads followed the node during the step
+            metrics["train/cpu_threads_changes"] = self.cores.changes - changes
+            metrics["train/cpu_others_busy"] = self.cores.others_busy
+        return metrics
+
+    def _train_step(self, batch: list[Trajectory]) -> dict:
         if self.critic is None:
             return self.step.train_step(batch)
         # PPO with a critic: values by the critic as it is now, GAE, then the critic's and the policy's updates

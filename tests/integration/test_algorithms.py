@@ -131,3 +131,5 @@ def test_ppo_with_a_critic_runs_through_the_loop(tmp_path, ray_local, tiny_model
                and r["time/critic_s"] > 0 for r in rows)
     (ck,) = (tmp_path / "checkpoints").iterdir()
     assert (ck / "critic.pt").exists() and (ck / "trainer.pt").exists()
+    # on CPU at eta > 0 the trainer's threads follow the node (trainer/cpu_share.py), the critic's layers too
+    assert all(r["train/cpu_others_busy"] >= 0 and r["train/cpu_threads_changes"] >= 0 for r in rows)

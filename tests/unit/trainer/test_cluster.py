@@ -227,14 +227,18 @@ def test_run_against_an_existing_instance_fails_fast_before_any_actor(tmp_path, 
 
 
 def test_cpu_trainer_threads_leave_the_engines_their_cores():
-    from trainer.worker import cpu_threads
+    from trainer.cpu_share import fixed_threads, threads_for
 
     sync = compose(["staleness.max_staleness=0"], cluster_gpus=0)
     asyn = compose(["staleness.max_staleness=4"], cluster_gpus=0)
     two = compose(["staleness.max_staleness=4", "rollout.num_workers=2", "rollout.num_cpus=1.5"], cluster_gpus=0)
-    assert cpu_threads(sync, 2) == 2  # the engines idle while it trains
-    assert cpu_threads(asyn, 2) == 1 and cpu_threads(asyn, 16) == 15  # one engine asks for one CPU
-    assert cpu_threads(two, 2) == 1 and cpu_threads(two, 8) == 5  # never below one thread
+    assert fixed_threads(sync, 2) == 2  # the engines idle while it trains
+    assert fixed_threads(asyn, 2) == 1 and fixed_threads(asyn, 16) == 15  # one engine asks for one CPU
+    assert fixed_threads(two, 2) == 1 and fixed_threads(two, 8) == 5  # never below one thread
+    # following the node: whole cores left to the rest of it once it uses more than 0.3 of one
+    assert threads_for(2, 0.05) == 2 and threads_for(2, 0.29) == 2
+    assert threads_for(2, 0.5) == 1 and threads_for(2, 1.2) == 1 and threads_for(2, 7.0) == 1
+    assert threads_for(16, 1.0) == 15 and threads_for(16, 2.5) == 13
 
 
 def test_a_fractional_reward_model_scorer_shares_the_colocated_gpu(tmp_path):
