@@ -176,7 +176,10 @@ def _reduce(out: Path) -> dict:
     for key in PER_STEP:
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         metrics[key] = statistics.mean(values) if values else None
-    train_s = [r["time/train_s"] for r in rows if "time/train_s" in r]
+    def median_of(key: str) -> float | None:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        return statistics.median(values) if values else None
+
     memory = [r["memory/max_allocated_gib"] for r in rows if "memory/max_allocated_gib" in r]
     return {
         "eval": [{"step": e["step"], "trajectories": e["step"] * per_step, "reward": e["eval/reward"]} for e in evals],
@@ -184,7 +187,8 @@ def _reduce(out: Path) -> dict:
         "metrics": metrics,
         "final_eval": evals[-1]["eval/reward"], "base_eval": evals[0]["eval/reward"],
         "steps": len(rows), "trajectories_per_step": per_step,
-        "train_s_median": statistics.median(train_s) if train_s else None,
+        "step_s_median": median_of("time/step_s"), "train_s_median": median_of("time/train_s"),
+        "critic_s_median": median_of("time/critic_s"),
         "trainer_memory_peak_gib": max(memory) if memory else None,
     }
 

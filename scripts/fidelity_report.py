@@ -1,6 +1,7 @@
 """The reports of an experiment grid (scripts/fidelity.py): the table over seeds, its Markdown, the plot.
 
-    table = summarise(results)            # per setting: final eval reward mean, std, min, max; per-step means
+    table = summarise(results)            # per setting: final eval reward mean, std, min, max; per-step means;
+                                          # step and trainer time, trainer memory
     markdown(label, table, pending)       # the table as Markdown
     plot(label, results, path)            # eval reward against steps and against trajectories consumed
 """
@@ -16,6 +17,10 @@ from pathlib import Path
 PER_STEP = ("policy/behav_kl", "policy/behav_ess", "policy/behav_weight_capped_frac", "policy/clipfrac",
             "staleness/lag_mean")
 
+# per run: medians over its steps of the step's and the trainer's time (the critic's part of it), and the
+# trainer's peak memory (GPU: max allocated; CPU: the trainer process's peak resident set)
+COST = ("step_s_median", "train_s_median", "critic_s_median", "trainer_memory_peak_gib")
+
 
 def summarise(results: dict[str, list[dict]]) -> dict:
     """Per setting: mean, standard deviation (over seeds, n - 1; null for one seed), min and max of the
@@ -30,6 +35,9 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         for key in PER_STEP:
             values = [r["metrics"][key] for r in runs if r["metrics"].get(key) is not None]
             row[f"{key}_mean"] = statistics.mean(values) if values else None
+        for key in COST:  # older runs lack some
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[f"{key}_mean"] = statistics.mean(values) if values else None
         walls = [r["wall_s"] for r in runs if r["wall_s"]]
         row["wall_s_mean"] = statistics.mean(walls) if walls else None
         table[name] = row
@@ -38,13 +46,14 @@ def summarise(results: dict[str, list[dict]]) -> dict:
 
 def markdown(label: str, table: dict, pending: list[str]) -> str:
     heads = ["setting", "seeds", "base", "final mean ± std", "min–max", "behav_kl", "behav_ess", "capped",
-             "clipfrac", "lag", "wall s"]
+             "clipfrac", "lag", "step s", "train s", "critic s", "trainer GiB", "wall s"]
     lines = [f"| {' | '.join(heads)} |", "|" + " --- |" * len(heads)]
     for name, row in table.items():
         std = f" ± {row['final_eval_std']:.3f}" if row["final_eval_std"] is not None else ""
         cells = [name, str(row["seeds"]), f"{row['base_eval_mean']:.3f}", f"{row['final_eval_mean']:.3f}{std}",
                  f"{row['final_eval_min']:.3f}–{row['final_eval_max']:.3f}",
-                 *(_num(row[f"{key}_mean"]) for key in PER_STEP), _num(row["wall_s_mean"], ".0f")]
+                 *(_num(row[f"{key}_mean"]) for key in PER_STEP),
+                 *(_num(row.get(f"{key}_mean"), ".3g") for key in COST), _num(row["wall_s_mean"], ".0f")]
         lines.append(f"| {' | '.join(cells)} |")
     text = "\n".join(lines) + "\n"
     if pending:
