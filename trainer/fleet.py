@@ -93,9 +93,13 @@ class Fleet:
                        "engine_deaths": 0, "trainer_restarts": 0, "steps_redone": 0}
 
     def _new_trainers(self) -> list:
+        """The trainer ranks, named `tether:trainer:<rank>.<generation>:<run>` (generation 0 at the start, one
+        more after each in-run recovery: a name is free again only once Ray has reaped the old actor)."""
         t = self.cfg.trainer
-        return [ray.remote(TrainerWorker).options(**self.placement.trainer(k)).remote(self.cfg, self.model_dir, k,
-                                                                                        t.num_workers)
+        self.trainer_generation = getattr(self, "trainer_generation", -1) + 1
+        return [ray.remote(TrainerWorker).options(**self.placement.trainer(k),
+                                                  name=f"tether:trainer:{k}.{self.trainer_generation}:{self.run_id}"
+                                                  ).remote(self.cfg, self.model_dir, k, t.num_workers)
                 for k in range(t.num_workers)]
 
     def _name(self, i: int) -> str:
