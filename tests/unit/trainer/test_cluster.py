@@ -25,7 +25,8 @@ def _settings(cfg) -> dict:
     r, t = cfg.rollout, cfg.trainer
     return {"model.dtype": cfg.model.dtype, "rollout.enforce_eager": r.enforce_eager, "rollout.kv_cache_gib": r.kv_cache_gib,
             "rollout.num_gpus": r.num_gpus, "trainer.num_gpus": t.num_gpus, "rollout.colocate": r.colocate,
-            "weight_sync.backend": cfg.weight_sync.backend, "trainer.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch}
+            "weight_sync.backend": cfg.weight_sync.backend, "trainer.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
+            "rollout.max_concurrent_groups": r.max_concurrent_groups}
 
 
 def test_no_gpu_gives_the_cpu_values():
@@ -33,7 +34,7 @@ def test_no_gpu_gives_the_cpu_values():
     # the defaults before they became automatic
     expected = {"model.dtype": "float32", "rollout.enforce_eager": True, "rollout.kv_cache_gib": 0.5,
                 "rollout.num_gpus": 0.0, "trainer.num_gpus": 0.0, "rollout.colocate": False, "weight_sync.backend": "gloo",
-                "trainer.max_tokens_per_micro_batch": 2048}
+                "trainer.max_tokens_per_micro_batch": 2048, "rollout.max_concurrent_groups": 4}
     assert _settings(cfg) == expected
     assert chosen == expected  # every one was automatic, and the log line names each
     assert layout(cfg) == {"colocate": False, "rollout_gpus": 0.0, "trainer_gpus": 0.0, "backend": "gloo"}
@@ -43,7 +44,8 @@ def test_one_gpu_colocates_a_bf16_engine_with_cuda_graphs():
     cfg, chosen = _resolved(1)
     assert _settings(cfg) == {"model.dtype": "bfloat16", "rollout.enforce_eager": False, "rollout.kv_cache_gib": None,
                               "rollout.num_gpus": 1.0, "trainer.num_gpus": 1.0, "rollout.colocate": True,
-                              "weight_sync.backend": "ipc", "trainer.max_tokens_per_micro_batch": 8192}
+                              "weight_sync.backend": "ipc", "trainer.max_tokens_per_micro_batch": 8192,
+                              "rollout.max_concurrent_groups": 20}  # (eta + 1) * B / G = 5 * 32 / 8 groups
     assert chosen["rollout.kv_cache_gib"] is None  # logged: vLLM sizes it from gpu_memory_utilization
     # trainer half the GPU, the engines the other half
     assert layout(cfg) == {"colocate": True, "rollout_gpus": 0.5, "trainer_gpus": 0.5, "backend": "ipc"}
@@ -55,7 +57,8 @@ def test_two_gpus_put_trainer_and_engine_on_separate_gpus():
     cfg, _ = _resolved(2)
     assert _settings(cfg) == {"model.dtype": "bfloat16", "rollout.enforce_eager": False, "rollout.kv_cache_gib": None,
                               "rollout.num_gpus": 1.0, "trainer.num_gpus": 1.0, "rollout.colocate": False,
-                              "weight_sync.backend": "nccl", "trainer.max_tokens_per_micro_batch": 8192}
+                              "weight_sync.backend": "nccl", "trainer.max_tokens_per_micro_batch": 8192,
+                              "rollout.max_concurrent_groups": 20}
     assert layout(cfg) == {"colocate": False, "rollout_gpus": 1.0, "trainer_gpus": 1.0, "backend": "nccl"}
     placement = Placement(cfg, layout(cfg))
     assert placement.shared == [] and placement.gpus_needed() == 2
@@ -64,6 +67,9 @@ def test_two_gpus_put_trainer_and_engine_on_separate_gpus():
 def test_tensor_parallel_engine_gets_one_gpu_per_rank():
     cfg, _ = _resolved(4, "rollout.tensor_parallel_size=2")
     assert cfg.rollout.num_gpus == 2 and cfg.trainer.num_gpus == 1
+    # three engines share the staleness window's 20 groups: 7 each; a small window still gets 4
+    assert _resolved(4, "rollout.num_workers=3")[0].rollout.max_concurrent_groups == 7
+    assert _resolved(1, "staleness.max_staleness=0")[0].rollout.max_concurrent_groups == 4
     assert Placement(cfg, layout(cfg)).gpus_needed() == 3
 
 
@@ -71,12 +77,13 @@ def test_tensor_parallel_engine_gets_one_gpu_per_rank():
 def test_user_overrides_win(gpus):
     overrides = ["model.dtype=float16", "rollout.enforce_eager=true", "rollout.kv_cache_gib=2",
                  "rollout.num_gpus=0", "trainer.num_gpus=0", "rollout.colocate=false", "weight_sync.backend=gloo",
-                 "trainer.max_tokens_per_micro_batch=4096"]
+                 "trainer.max_tokens_per_micro_batch=4096", "rollout.max_concurrent_groups=6"]
     cfg, chosen = _resolved(gpus, *overrides)
     assert chosen == {}
     assert _settings(cfg) == {"model.dtype": "float16", "rollout.enforce_eager": True, "rollout.kv_cache_gib": 2.0,
                               "rollout.num_gpus": 0.0, "trainer.num_gpus": 0.0, "rollout.colocate": False,
-                              "weight_sync.backend": "gloo", "trainer.max_tokens_per_micro_batch": 4096}
+                              "weight_sync.backend": "gloo", "trainer.max_tokens_per_micro_batch": 4096,
+                              "rollout.max_concurrent_groups": 6}
 
 
 def test_one_override_keeps_the_other_choices_automatic():
