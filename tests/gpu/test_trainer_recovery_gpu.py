@@ -11,9 +11,6 @@ finish within ten minutes.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 
 import pytest
 import torch
@@ -22,11 +19,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 G
 
 
 def test_a_rank_lost_under_nccl_restarts_both_ranks(tmp_path, gpu_model_dir):
-    import ray
-
     from tests.conftest import compose
     from tests.helpers import metric_rows
-    from tests.integration.test_faults import _Background, _trainer_pids, _wait
+    from tests.integration.test_faults import _Background, _trainer_pids, kill_rank_mid_run
 
     out, steps, batch = tmp_path / "run", 8, 16
     cfg = compose(["model=hf", f"model.path={gpu_model_dir}", "trainer.num_workers=2", "trainer.num_gpus=0.5",
@@ -34,17 +29,8 @@ def test_a_rank_lost_under_nccl_restarts_both_ranks(tmp_path, gpu_model_dir):
                    "trainer.group_size=4", "checkpoint.every_steps=2", "weight_sync.verify=true",
                    "weight_sync.timeout_s=60", "task.num_eval=4", "logger.wandb.mode=disabled", "logger.progress=false",
                    "checkpoint.export_hf=false", f"output_dir={out}"], cluster_gpus=torch.cuda.device_count())
-    bg = _Background(cfg)  # its own local Ray instance: the layout asks for 3 CPUs
-    deadline = time.monotonic() + 600
-    _wait(lambda: len(metric_rows(out)) >= 3, deadline, "step 3")
-    name = f"tether:trainer:1.0:{out.resolve()}"
-    (pid,) = [a["Pid"] for a in ray._private.state.actors(actor_state_name="ALIVE").values() if a["Name"] == name]
-    os.kill(pid, signal.SIGKILL)
-
-    bg.join(timeout=max(deadline - time.monotonic(), 1))
-    if bg.error is not None:
-        raise bg.error
-    faults = bg.result["faults"]
+    pid, summary = kill_rank_mid_run(_Background(cfg), out, rank=1)  # its own local Ray: the layout asks for 3 CPUs
+    faults = summary["faults"]
     assert [r["step"] for r in metric_rows(out)] == list(range(1, steps + 1))
     assert faults["trainer_restarts"] == 1 and faults["recovery_publishes_verified"] == 1
     assert pid not in _trainer_pids()

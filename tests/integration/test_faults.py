@@ -285,6 +285,21 @@ def test_killed_trainer_is_restarted_in_the_run_from_its_checkpoint(tmp_path, ra
     assert acc["admitted"] == acc["consumed"] + acc["dropped_total"] + acc["in_flight"]
 
 
+def kill_rank_mid_run(bg: _Background, out: Path, rank: int, timeout_s: float = 600) -> tuple[int, dict]:
+    """SIGKILL trainer `rank` (first generation) of the run writing `out` once it has written step 3's row,
+    then wait for the run to end; its pid and the run's summary."""
+    deadline = time.monotonic() + timeout_s
+    _wait(lambda: len(_rows(out)) >= 3, deadline, "step 3")
+    name = f"tether:trainer:{rank}.0:{out.resolve()}"
+    # its pid from the GCS actor table (the state API needs the dashboard, which the test instance lacks)
+    (pid,) = [a["Pid"] for a in ray._private.state.actors(actor_state_name="ALIVE").values() if a["Name"] == name]
+    os.kill(pid, signal.SIGKILL)
+    bg.join(timeout=max(deadline - time.monotonic(), 1))
+    if bg.error is not None:
+        raise bg.error
+    return pid, bg.result
+
+
 def test_a_lost_fsdp_rank_restarts_both_ranks_from_the_checkpoint(tmp_path, ray_local, tiny_model_dir):
     """Two FSDP2 trainer ranks (gloo), rank 1's process SIGKILLed mid-run: rank 0 does not hang in the
     collective it shared with rank 1 (the driver sees rank 1 die and kills rank 0), both ranks start
@@ -296,17 +311,8 @@ def test_a_lost_fsdp_rank_restarts_both_ranks_from_the_checkpoint(tmp_path, ray_
         "staleness.max_staleness=2", f"trainer.max_steps={steps}", "checkpoint.every_steps=2",
         "weight_sync.verify=true", "weight_sync.timeout_s=60", f"output_dir={out}",
     ]))
-    deadline = time.monotonic() + 600
-    _wait(lambda: len(_rows(out)) >= 3, deadline, "step 3")
-    name = f"tether:trainer:1.0:{out.resolve()}"
-    # its pid from the GCS actor table (the state API needs the dashboard, which the test instance lacks)
-    (pid,) = [a["Pid"] for a in ray._private.state.actors(actor_state_name="ALIVE").values() if a["Name"] == name]
-    os.kill(pid, signal.SIGKILL)
-
-    bg.join(timeout=max(deadline - time.monotonic(), 1))
-    if bg.error is not None:
-        raise bg.error
-    faults = bg.result["faults"]
+    pid, summary = kill_rank_mid_run(bg, out, rank=1)
+    faults = summary["faults"]
     assert [r["step"] for r in _rows(out)] == list(range(1, steps + 1))  # each step once
     assert faults["trainer_restarts"] == 1 and faults["recovery_publishes_verified"] == 1
     assert pid not in _trainer_pids()
